@@ -1,0 +1,177 @@
+"""Typed, frozen dataclass configs, read from and written to YAML/JSON.
+
+Every component's config derives from :class:`Config`: ``to_dict``/``from_dict`` round-trip
+through plain JSON/YAML types, unknown keys are an error naming the key and the allowed ones, and
+lists from YAML become the tuples the dataclass declares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C", bound="Config")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Base class of every config: serialisation and strict loading."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``dict`` (tuples become lists) suitable for JSON or YAML."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+        """Build from a mapping; raises ``ValueError`` naming unknown keys or wrong types.
+
+        Args:
+            data: the mapping, e.g. parsed YAML.
+            source: where it came from, used in error messages (a file name).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping for {cls.__name__}; got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; allowed: {names}")
+        values = {key: _coerce(value, hints[key], f"{source}: {key}") for key, value in data.items()}
+        return cls(**values)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed (validated like ``from_dict``)."""
+        return type(self).from_dict({**self.to_dict(), **_plain(changes)})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def load(cls: type[C], path: str | os.PathLike, section: str | None = None) -> C:
+        """Read a YAML or JSON file (optionally one top-level ``section`` of it)."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read config: {e.strerror}") from e
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: not valid YAML/JSON: {e}") from e
+        data = data or {}
+        if section is not None:
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a mapping at the top level")
+            data = data.get(section, {})
+        return cls.from_dict(data, source=str(path))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against the type ``hint`` and convert lists to tuples where declared."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} does not match {hint}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where}: expected a list; got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"{where}: expected {len(args)} values; got {len(value)}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if dataclasses.is_dataclass(hint):
+        return hint.from_dict(value, source=where)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where}: expected a number; got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer; got {value!r}")
+        return value
+    if hint in (str, bool):
+        if not isinstance(value, hint):
+            raise ValueError(f"{where}: expected {hint.__name__}; got {value!r}")
+        return value
+    return value
+
+
+@dataclass(frozen=True)
+class DataConfig(Config):
+    """How files become training tensors. Sizes are in array order ``(H, W)`` / ``(D, H, W)``.
+
+    Attributes:
+        spacing: resample to this voxel size, physical order ``(x, y[, z])``; None keeps it.
+        resize: resize to this many voxels per axis; None keeps the size.
+        crop: crop/pad to this many voxels per axis (after resampling/resizing); None keeps it.
+        random_crop: crop at a random offset (training) instead of the centre.
+        normalization: ``auto``, ``percentile``, ``window``, ``dtype`` or ``minmax``.
+        percentiles: (low, high) percent for ``percentile``.
+        window: (low, high) intensity window for ``window`` (CT HU); None means (-1000, 1000).
+        per_channel: normalise each channel on its own (RGB).
+        flip_axes: spatial axes (array order) flipped at random with probability 1/2.
+        labels: CSV ``path,label`` giving the classes; None uses first-level subfolders.
+        skip_bad: drop unreadable or inconsistent files with a warning instead of stopping.
+        seed: seed of every random transform.
+    """
+
+    spacing: tuple[float, ...] | None = None
+    resize: tuple[int, ...] | None = None
+    crop: tuple[int, ...] | None = None
+    random_crop: bool = False
+    normalization: str = "auto"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    window: tuple[float, float] | None = None
+    per_channel: bool = True
+    flip_axes: tuple[int, ...] = ()
+    labels: str | None = None
+    skip_bad: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from medfusion.data.transforms import NORMALIZATION_MODES
+
+        if self.normalization not in NORMALIZATION_MODES:
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATION_MODES}; got {self.normalization!r}"
+            )
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and (len(value) not in (2, 3) or any(v < 1 for v in value)):
+                raise ValueError(f"{name} must be 2 or 3 positive integers; got {value!r}")
+        if self.spacing is not None and (
+            len(self.spacing) not in (2, 3) or any(v <= 0 for v in self.spacing)
+        ):
+            raise ValueError(f"spacing must be 2 or 3 positive numbers; got {self.spacing!r}")
+        low, high = self.percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100; got {self.percentiles!r}")
+        if self.window is not None and not self.window[0] < self.window[1]:
+            raise ValueError(f"window must be (low, high) with low < high; got {self.window!r}")
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise ValueError(f"flip_axes must be spatial axes 0, 1 or 2; got {self.flip_axes!r}")

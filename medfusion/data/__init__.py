@@ -1,0 +1,35 @@
+"""Reading, checking, transforming and writing medical images and volumes (2D and 3D)."""
+
+from medfusion.data.dataset import ImageFolderDataset, build_transform
+from medfusion.data.discovery import Discovery, Sample, discover
+from medfusion.data.errors import DataError, ImageReadError, Problem
+from medfusion.data.image import ImageInfo, MedicalImage
+from medfusion.data.inspect import InspectionReport, inspect_dataset
+from medfusion.data.readers import read_image, read_info
+from medfusion.data.transforms import Compose, CropOrPad, NormalizeIntensity, RandomFlip, Resample, Resize
+from medfusion.data.writers import to_unsigned, write_image
+
+__all__ = [
+    "Compose",
+    "CropOrPad",
+    "DataError",
+    "Discovery",
+    "ImageFolderDataset",
+    "ImageInfo",
+    "ImageReadError",
+    "InspectionReport",
+    "MedicalImage",
+    "NormalizeIntensity",
+    "Problem",
+    "RandomFlip",
+    "Resample",
+    "Resize",
+    "Sample",
+    "build_transform",
+    "discover",
+    "inspect_dataset",
+    "read_image",
+    "read_info",
+    "to_unsigned",
+    "write_image",
+]

@@ -1,0 +1,217 @@
+"""The dataset of a folder of medical images or volumes, streamed lazily item by item."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from medfusion.config import DataConfig
+from medfusion.data.discovery import Sample, discover
+from medfusion.data.errors import DataError, Problem, format_problems
+from medfusion.data.image import ImageInfo, MedicalImage
+from medfusion.data.inspect import FileRecord, consistency_problems, scan
+from medfusion.data.readers import read_image, read_info
+from medfusion.data.transforms import (
+    Compose,
+    CropOrPad,
+    NormalizeIntensity,
+    RandomFlip,
+    Resample,
+    Resize,
+    Transform,
+    as_float_tensor,
+)
+
+VALIDATE_MODES = ("none", "header", "full")
+
+
+def build_transform(config: DataConfig) -> Compose:
+    """The transform pipeline a :class:`DataConfig` describes.
+
+    Order: normalise to [-1, 1], resample to ``spacing``, ``resize``, ``crop`` (centre or random,
+    padding with -1), random flips.
+    """
+    steps: list[Transform] = [
+        NormalizeIntensity(
+            config.normalization,
+            percentiles=config.percentiles,
+            window=config.window,
+            per_channel=config.per_channel,
+        )
+    ]
+    if config.spacing is not None:
+        steps.append(Resample(config.spacing))
+    if config.resize is not None:
+        steps.append(Resize(config.resize))
+    if config.crop is not None:
+        steps.append(CropOrPad(config.crop, random=config.random_crop))
+    if config.flip_axes:
+        steps.append(RandomFlip(config.flip_axes))
+    return Compose(steps)
+
+
+class ImageFolderDataset(Dataset):
+    """Samples of a folder (see :mod:`medfusion.data.discovery` for the layout), read lazily.
+
+    Each item is a dict: ``image`` (float32 tensor ``(C, *spatial)``), ``label`` (class index, or
+    -1 when unlabelled) and ``index``. Files are read only when an item is asked for, so a folder
+    of 100,000 files opens in the time it takes to list it; with ``validate="header"`` every
+    header is read once up front (shapes, channels), ``"full"`` also decodes every file.
+
+    Random transforms draw from ``numpy.random.default_rng([seed, epoch, index])``: an item is the
+    same whatever the worker that loads it; call :meth:`set_epoch` to vary augmentation.
+
+    Args:
+        root: the dataset folder.
+        labels: ``None``/``"folders"``, ``"none"`` or a ``path,label`` CSV.
+        transform: applied to each :class:`MedicalImage`; default: intensity normalisation.
+        class_names: fix the class order (e.g. that of a trained model); labels outside it are
+            errors. Default: sorted names found.
+        skip_bad: leave out bad files with a warning rather than raising; files that only fail
+            when read (truncated pixels) are replaced by the next readable item.
+        validate: ``none``, ``header`` or ``full`` (see above). ``skip_bad`` implies at least
+            ``header``.
+        seed: seed of the random transforms.
+        progress: show a progress bar while validating.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        labels: str | os.PathLike | None = None,
+        transform: Transform | None = None,
+        class_names: Sequence[str] | None = None,
+        skip_bad: bool = False,
+        validate: str = "none",
+        seed: int = 0,
+        progress: bool = False,
+    ):
+        if validate not in VALIDATE_MODES:
+            raise ValueError(f"validate must be one of {VALIDATE_MODES}; got {validate!r}")
+        if skip_bad and validate == "none":
+            validate = "header"
+        self.root = str(root)
+        self.skip_bad = skip_bad
+        self.seed = int(seed)
+        self.epoch = 0
+        self.transform = transform if transform is not None else NormalizeIntensity("auto")
+        discovery = discover(root, labels)
+        self.label_source = discovery.label_source
+        self.class_names = tuple(class_names) if class_names is not None else discovery.class_names
+        problems = list(discovery.problems)
+        problems += self._unknown_label_problems(discovery.samples)
+        samples = [s for s in discovery.samples if s.path not in {p.path for p in problems}]
+        records = None
+        if validate != "none":
+            records = scan(samples, read_pixels=validate == "full", progress=progress, desc="checking files")
+            problems += [Problem(r.sample.path, r.problem) for r in records if r.problem is not None]
+            problems += consistency_problems(records)
+        self._handle_problems(problems)
+        bad = {p.path for p in problems}
+        self.samples: tuple[Sample, ...] = tuple(s for s in samples if s.path not in bad)
+        if not self.samples:
+            raise DataError(f"{self.root}: no usable images left after leaving out {len(bad)} bad file(s)")
+        self.problems = tuple(problems)
+        self.info = self._reference_info(records, bad)
+        self._class_index = {name: i for i, name in enumerate(self.class_names)}
+        self._warned: set[str] = set()
+
+    def _unknown_label_problems(self, samples: Sequence[Sample]) -> list[Problem]:
+        known = set(self.class_names)
+        return [
+            Problem(s.path, f"label {s.label!r} is not one of the classes {list(self.class_names)}")
+            for s in samples
+            if s.label is not None and s.label not in known
+        ]
+
+    def _handle_problems(self, problems: list[Problem]) -> None:
+        if not problems:
+            return
+        listing = format_problems(problems)
+        if not self.skip_bad:
+            raise DataError(
+                f"{self.root}: {len(problems)} problem(s) found:\n{listing}\n"
+                "Fix them, or pass --skip-bad (skip_bad=True) to leave those files out."
+            )
+        warnings.warn(f"{self.root}: leaving out {len(problems)} bad file(s):\n{listing}", stacklevel=3)
+
+    def _reference_info(self, records: list[FileRecord] | None, bad: set[str]) -> ImageInfo:
+        """Header of the first good sample: the spatial dims and channels every item must match."""
+        if records is not None:
+            for record in records:
+                if record.info is not None and record.sample.path not in bad:
+                    return record.info
+        try:
+            return read_info(self.samples[0].path)
+        except DataError as e:
+            raise DataError(f"{self.root}: the first image cannot be read: {e}") from e
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.info.spatial_dims
+
+    @property
+    def channels(self) -> int:
+        return self.info.channels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def labels(self) -> list[int]:
+        """Class index of every sample (-1 when unlabelled), without reading any file."""
+        return [self._label_index(s) for s in self.samples]
+
+    def _label_index(self, sample: Sample) -> int:
+        return -1 if sample.label is None else self._class_index[sample.label]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary the random transforms from epoch to epoch (deterministically)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> MedicalImage:
+        """The raw image of item ``index`` (no transform), checked against the dataset."""
+        sample = self.samples[index]
+        image = read_image(sample.path)
+        if image.spatial_dims != self.spatial_dims or image.channels != self.channels:
+            raise DataError(
+                f"{sample.path}: {image.spatial_dims}D with {image.channels} channel(s), but the "
+                f"dataset is {self.spatial_dims}D with {self.channels} (mixed files; run "
+                "`medfusion data inspect` to list them)"
+            )
+        return image
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index = index % len(self)
+        attempts = len(self) if self.skip_bad else 1
+        for offset in range(attempts):
+            current = (index + offset) % len(self)
+            try:
+                image = self.read(current)
+                break
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                if self.samples[current].path not in self._warned:
+                    self._warned.add(self.samples[current].path)
+                    warnings.warn(f"skipping unreadable file: {e}", stacklevel=2)
+        else:
+            raise DataError(f"{self.root}: no readable image left (all {len(self)} failed)")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = self.transform(image, rng)
+        tensor = as_float_tensor(image.array)
+        return {
+            "image": tensor.contiguous(),
+            "label": self._label_index(self.samples[current]),
+            "index": index,
+        }

@@ -1,0 +1,127 @@
+"""Writers for 2D images (PNG 8/16-bit, TIFF) and volumes (NIfTI, MHA, NRRD) with their geometry.
+
+Every writer goes through :func:`medfusion.utils.atomic_path`: the file appears under its final
+name only once complete, so an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medfusion.data.image import MedicalImage
+from medfusion.utils import atomic_path, full_suffix
+
+PNG_SUFFIXES = (".png",)
+TIFF_SUFFIXES = (".tif", ".tiff")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
+WRITABLE_SUFFIXES = (*PNG_SUFFIXES, *TIFF_SUFFIXES, *VOLUME_SUFFIXES)
+
+
+def to_unsigned(array: np.ndarray, bit_depth: int) -> np.ndarray:
+    """Map float values in [-1, 1] onto the full range of an unsigned integer type.
+
+    Args:
+        array: floats in [-1, 1]; values outside are clipped.
+        bit_depth: 8 or 16.
+
+    Returns:
+        ``uint8`` or ``uint16`` array of the same shape.
+    """
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16; got {bit_depth!r}")
+    top = 2**bit_depth - 1
+    scaled = (np.clip(np.asarray(array, dtype=np.float64), -1.0, 1.0) + 1.0) * (top / 2.0)
+    return np.rint(scaled).astype(np.uint8 if bit_depth == 8 else np.uint16)
+
+
+def write_image(path: str | os.PathLike, image: MedicalImage | np.ndarray) -> Path:
+    """Write ``image`` to ``path`` in the format its suffix names, atomically.
+
+    Args:
+        path: target file; ``.png``, ``.tif``/``.tiff``, ``.nii``, ``.nii.gz``, ``.mha`` or
+            ``.nrrd``.
+        image: a :class:`MedicalImage` or an array of shape ``(C, *spatial)`` (unit geometry).
+            PNG takes ``uint8`` (8-bit) or ``uint16`` (16-bit) with 1, 3 or 4 channels; convert
+            floats with :func:`to_unsigned` first.
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    if not isinstance(image, MedicalImage):
+        image = MedicalImage.from_array(np.asarray(image))
+    array = np.asarray(image.array.detach().cpu() if hasattr(image.array, "detach") else image.array)
+    suffix = full_suffix(path)
+    if suffix in PNG_SUFFIXES:
+        _check_png(path, array)
+        writer = _write_png
+    elif suffix in TIFF_SUFFIXES:
+        _check_2d(path, array)
+        writer = _write_tiff
+    elif suffix in VOLUME_SUFFIXES:
+        writer = _write_sitk
+    else:
+        raise ValueError(
+            f"{path}: cannot write suffix {suffix or 'none'!r}; choose one of {', '.join(WRITABLE_SUFFIXES)}"
+        )
+    with atomic_path(path) as tmp:
+        writer(tmp, image, array)
+    return path
+
+
+def _check_2d(path: Path, array: np.ndarray) -> None:
+    if array.ndim != 3:
+        raise ValueError(f"{path}: a 2D image needs shape (C, H, W); got {array.shape}")
+
+
+def _check_png(path: Path, array: np.ndarray) -> None:
+    _check_2d(path, array)
+    if array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"{path}: PNG holds uint8 or uint16 values; got {array.dtype} "
+            "(convert with medfusion.data.to_unsigned)"
+        )
+    if array.shape[0] not in (1, 3, 4):
+        raise ValueError(
+            f"{path}: PNG holds 1, 3 or 4 channels; got {array.shape[0]} (write .tif or .nii.gz instead)"
+        )
+
+
+def _to_sitk(image: MedicalImage, array: np.ndarray):
+    import SimpleITK as sitk
+
+    if image.channels == 1:
+        itk = sitk.GetImageFromArray(array[0])
+    else:
+        itk = sitk.GetImageFromArray(np.moveaxis(array, 0, -1), isVector=True)
+    itk.SetSpacing([float(s) for s in image.spacing])
+    itk.SetOrigin([float(o) for o in image.origin])
+    itk.SetDirection([float(d) for d in image.direction])
+    return itk
+
+
+def _write_png(tmp: Path, image: MedicalImage, array: np.ndarray) -> None:
+    import SimpleITK as sitk  # writes 8- and 16-bit, gray and colour alike (Pillow cannot do 16-bit RGB)
+
+    sitk.WriteImage(_to_sitk(MedicalImage.from_array(array), array), str(tmp))
+
+
+def _write_tiff(tmp: Path, image: MedicalImage, array: np.ndarray) -> None:
+    import tifffile
+
+    if image.channels == 1:
+        tifffile.imwrite(tmp, array[0], photometric="minisblack")
+        return
+    # Say how the samples are laid out: left to guess, tifffile stores (H, W, 5) as 5 pages and
+    # (3, W, 2) as RGB planes, which read back as a multi-page TIFF or with the wrong shape.
+    photometric = "rgb" if image.channels in (3, 4) else "minisblack"
+    tifffile.imwrite(tmp, np.moveaxis(array, 0, -1), photometric=photometric, planarconfig="contig")
+
+
+def _write_sitk(tmp: Path, image: MedicalImage, array: np.ndarray) -> None:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(_to_sitk(image, array), str(tmp), useCompression=True)

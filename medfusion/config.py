@@ -70,7 +70,7 @@ class Config:
         if section is not None:
             if not isinstance(data, dict):
                 raise ValueError(f"{path}: expected a mapping at the top level")
-            data = data.get(section, {})
+            data = data.get(section) or {}
         return cls.from_dict(data, source=str(path))
 
 

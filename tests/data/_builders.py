@@ -17,7 +17,6 @@ def gray_crops(source: np.ndarray, count: int, size: int = 16, offset: int = 0) 
     ]
 
 
-
 def write_ct_series(folder: Path, positions: list[float], series_uid: str | None = None) -> list[Path]:
     """Copies of pydicom's CT_small.dcm as slices of one series at the given z positions."""
     pydicom = pytest.importorskip("pydicom")

@@ -521,6 +521,8 @@ def _nifti_layout(path: Path, shape: tuple[int, ...]) -> tuple[int, tuple[int, .
     if len(shape) == 4:  # (x, y, z, t): the fourth axis holds channels (e.g. MR sequences)
         return 3, shape[2::-1], shape[3]
     if len(shape) == 5 and shape[3] == 1:  # (x, y, z, 1, c): vector voxels
+        if shape[2] == 1:  # (x, y, 1, 1, c): how ITK writes a 2D image with channels, and reads it
+            return 2, shape[1::-1], shape[4]
         return 3, shape[2::-1], shape[4]
     raise ImageReadError(path, f"unsupported NIfTI shape {shape}; expected 2D, 3D or 3D with channels")
 
@@ -571,6 +573,8 @@ def _nifti_image(path: Path, fmt: str) -> MedicalImage:
         data = data[:, :, :, 0, :]
     # (x, y, z, c) -> (c, z, y, x); (x, y[, z]) -> (1, [z,] y, x)
     array = data.transpose(3, 2, 1, 0) if len(shape) in (4, 5) else data.T[None]
+    if spatial_dims == 2 and array.ndim == 4:
+        array = array[:, 0]  # (c, 1, y, x) -> (c, y, x)
     return MedicalImage(
         array=np.ascontiguousarray(array), path=str(path), **_nifti_geometry(img, spatial_dims)
     )

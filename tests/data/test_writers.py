@@ -1,0 +1,316 @@
+"""Tests for medfusion.data.writers: write-then-read round trips, input checks, atomicity.
+
+Conventions checked (see medfusion.data.image): arrays are (C, *spatial) in array order, spacing
+and origin are in ITK physical (x, y, z) order, direction is the row-major direction matrix.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medfusion.data import writers
+from medfusion.data.image import ImageInfo, MedicalImage, identity_direction
+from medfusion.data.readers import read_image, read_info
+from medfusion.data.writers import to_unsigned, write_image
+
+VOLUME_SUFFIXES = [".nii", ".nii.gz", ".mha", ".nrrd"]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def random_array(rng, shape, dtype) -> np.ndarray:
+    """Values spread over the whole range of an integer dtype (so truncation would show)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return (rng.normal(size=shape) * 100).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+
+
+def rotation(spatial_dims: int) -> np.ndarray:
+    """A proper rotation that is neither the identity nor axis-aligned."""
+    if spatial_dims == 2:
+        t = 0.4
+        return np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    a, b = 0.3, 0.7
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return rz @ rx
+
+
+def assert_info_agrees(info: ImageInfo, image: MedicalImage) -> None:
+    assert info.spatial_dims == image.spatial_dims
+    assert info.shape == image.spatial_shape
+    assert info.channels == image.channels
+    assert info.dtype == image.array.dtype.name
+    np.testing.assert_allclose(info.spacing, image.spacing, rtol=0, atol=1e-9)
+
+
+def assert_unit_geometry(image: MedicalImage, spatial_dims: int) -> None:
+    assert image.spatial_dims == spatial_dims
+    assert image.spacing == (1.0,) * spatial_dims
+    assert image.origin == (0.0,) * spatial_dims
+    assert image.direction == identity_direction(spatial_dims)
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_png_round_trip(tmp_path, rng, dtype, channels):
+    array = random_array(rng, (channels, 9, 13), dtype)  # H != W catches swapped axes
+    path = write_image(tmp_path / "img.png", array)
+    assert path == tmp_path / "img.png"
+
+    image = read_image(path)
+    assert image.array.dtype == np.dtype(dtype)
+    assert image.array.shape == (channels, 9, 13)
+    np.testing.assert_array_equal(image.array, array)
+    assert_unit_geometry(image, 2)
+    info = read_info(path)
+    assert info.format == "png"
+    assert_info_agrees(info, image)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_png_16bit_colour_is_not_truncated(tmp_path, channels):
+    # Pillow would open 16-bit RGB(A) as 8-bit; the reader must keep all 16 bits.
+    array = np.zeros((channels, 4, 5), np.uint16)
+    array[:, 0, 0] = 65535
+    array[:, 1, 2] = 257  # differs from 256 only in the low byte
+    array[:, 3, 4] = 1
+    path = write_image(tmp_path / "deep.png", array)
+    image = read_image(path)
+    assert image.array.dtype == np.uint16
+    np.testing.assert_array_equal(image.array, array)
+    assert read_info(path).dtype == "uint16"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "channels", "height", "width"),
+    [
+        ("uint8", 1, 9, 13),
+        ("uint16", 1, 9, 13),
+        ("float32", 1, 9, 13),
+        ("uint8", 3, 9, 13),
+        ("uint16", 3, 9, 13),
+        ("uint8", 4, 9, 13),
+        ("uint16", 4, 9, 13),
+        ("uint8", 5, 9, 13),  # never cut to 3 channels, never split into pages
+        ("uint16", 5, 9, 13),
+        ("float32", 2, 3, 8),  # 3 rows: must not be taken for RGB planes
+    ],
+)
+def test_tiff_round_trip(tmp_path, rng, dtype, channels, height, width):
+    array = random_array(rng, (channels, height, width), dtype)
+    path = write_image(tmp_path / "img.tif", array)
+
+    image = read_image(path)
+    assert image.array.dtype == np.dtype(dtype)
+    assert image.array.shape == (channels, height, width)
+    np.testing.assert_array_equal(image.array, array)
+    assert_unit_geometry(image, 2)
+    info = read_info(path)
+    assert info.format == "tiff"
+    assert_info_agrees(info, image)
+
+
+def test_tiff_suffix_tiff(tmp_path, rng):
+    array = random_array(rng, (3, 8, 8), "uint8")
+    np.testing.assert_array_equal(read_image(write_image(tmp_path / "x.TIFF", array)).array, array)
+
+
+@pytest.mark.parametrize("suffix", VOLUME_SUFFIXES)
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "float32"])
+def test_volume_round_trip(tmp_path, rng, suffix, spatial_dims, channels, dtype):
+    spatial = (5, 6, 7) if spatial_dims == 3 else (6, 7)
+    spacing = (0.5, 0.75, 2.0)[:spatial_dims]  # x, y, z
+    origin = (-10.5, 3.25, 7.0)[:spatial_dims]
+    direction = tuple(rotation(spatial_dims).ravel().tolist())
+    array = random_array(rng, (channels, *spatial), dtype)
+    original = MedicalImage.from_array(array, spacing=spacing, origin=origin, direction=direction)
+
+    path = write_image(tmp_path / f"vol{suffix}", original)
+    image = read_image(path)
+
+    assert image.spatial_dims == spatial_dims
+    assert image.array.dtype == np.dtype(dtype)
+    assert image.array.shape == (channels, *spatial)
+    np.testing.assert_array_equal(image.array, array)
+    # NIfTI keeps the direction as a float32 quaternion: equal up to float32 precision
+    np.testing.assert_allclose(image.spacing, spacing, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(image.origin, origin, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(image.direction, direction, rtol=0, atol=1e-6)
+    assert_info_agrees(read_info(path), image)
+
+
+@pytest.mark.parametrize("suffix", VOLUME_SUFFIXES)
+def test_single_slice_volume_stays_3d(tmp_path, suffix):
+    array = np.arange(6 * 7, dtype=np.int16).reshape(1, 1, 6, 7)
+    image = read_image(write_image(tmp_path / f"slab{suffix}", array))
+    assert image.spatial_dims == 3
+    np.testing.assert_array_equal(image.array, array)
+
+
+def test_axes_are_not_swapped(tmp_path):
+    # A voxel at array index (d, h, w) lands at physical x = w * sx, y = h * sy, z = d * sz.
+    import SimpleITK as sitk
+
+    array = np.zeros((1, 3, 4, 5), np.int16)
+    array[0, 1, 2, 3] = 7
+    path = write_image(tmp_path / "v.mha", MedicalImage.from_array(array, spacing=(1.0, 2.0, 3.0)))
+    itk = sitk.ReadImage(str(path))
+    assert itk.GetSize() == (5, 4, 3)
+    assert itk.GetSpacing() == (1.0, 2.0, 3.0)
+    assert itk.GetPixel(3, 2, 1) == 7
+
+
+def test_write_torch_tensor(tmp_path):
+    torch = pytest.importorskip("torch")
+    tensor = torch.linspace(-1, 1, 2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    image = MedicalImage.from_array(tensor, spacing=(0.5, 1.0, 1.5))
+    path = write_image(tmp_path / "t.nii.gz", image)
+    back = read_image(path)
+    assert back.array.dtype == np.float32
+    np.testing.assert_array_equal(back.array, tensor.numpy())
+    assert back.spacing == (0.5, 1.0, 1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# to_unsigned
+
+
+def test_to_unsigned_8bit():
+    out = to_unsigned(np.array([-1.0, 1.0, 0.0, -5.0, 3.0]), 8)
+    assert out.dtype == np.uint8
+    assert out.tolist() == [0, 255, 128, 0, 255]  # clipped outside [-1, 1]
+
+
+def test_to_unsigned_16bit_keeps_shape():
+    array = np.array([[[-1.0, 1.0], [-2.0, 2.0]]], dtype=np.float32)
+    out = to_unsigned(array, 16)
+    assert out.dtype == np.uint16
+    assert out.shape == (1, 2, 2)
+    assert out.ravel().tolist() == [0, 65535, 0, 65535]
+
+
+def test_to_unsigned_is_monotonic_and_fills_the_range():
+    out = to_unsigned(np.linspace(-1, 1, 1001), 8)
+    assert np.all(np.diff(out.astype(int)) >= 0)
+    assert set(np.unique(out).tolist()) == set(range(256))
+
+
+def test_to_unsigned_rejects_other_bit_depths():
+    with pytest.raises(ValueError, match="bit_depth must be 8 or 16; got 12"):
+        to_unsigned(np.zeros(3), 12)
+
+
+def test_to_unsigned_output_writes_as_png(tmp_path):
+    array = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 8, 8)
+    path = write_image(tmp_path / "x.png", to_unsigned(array, 16))
+    back = read_image(path).array
+    assert back.dtype == np.uint16
+    assert back.min() == 0 and back.max() == 65535
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int16"])
+def test_png_rejects_non_unsigned_values(tmp_path, dtype):
+    path = tmp_path / "x.png"
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r".*uint8 or uint16.*to_unsigned"):
+        write_image(path, np.zeros((1, 4, 4), dtype))
+    assert _entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("channels", [2, 5])
+def test_png_rejects_channel_counts(tmp_path, channels):
+    path = tmp_path / "x.png"
+    with pytest.raises(ValueError, match=re.escape(f"{path}: PNG holds 1, 3 or 4 channels; got {channels}")):
+        write_image(path, np.zeros((channels, 4, 4), np.uint8))
+    assert _entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_2d_formats_reject_volumes(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r".*needs shape \(C, H, W\)"):
+        write_image(path, np.zeros((1, 2, 4, 4), np.uint8))
+    assert _entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["x.xyz", "x.jpg", "noext"])
+def test_unknown_suffix_rejected(tmp_path, name):
+    path = tmp_path / name
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": cannot write suffix"):
+        write_image(path, np.zeros((1, 4, 4), np.uint8))
+    assert _entries(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Atomicity: a failing writer leaves nothing behind and no half-written file
+
+
+def _broken_writer(tmp: Path, image, array) -> None:
+    tmp.write_bytes(b"partial data")
+    raise RuntimeError("disk full")
+
+
+@pytest.mark.parametrize(
+    ("name", "writer"),
+    [
+        ("x.nii.gz", "_write_sitk"),
+        ("x.mha", "_write_sitk"),
+        ("x.png", "_write_png"),
+        ("x.tif", "_write_tiff"),
+    ],
+)
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch, name, writer):
+    monkeypatch.setattr(writers, writer, _broken_writer)
+    path = tmp_path / name
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_image(path, np.zeros((1, 4, 4), np.uint8))
+    assert not path.exists()
+    assert _entries(tmp_path) == []  # no temporary file either
+
+
+def test_failed_write_keeps_existing_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.nii.gz"
+    original = np.arange(16, dtype=np.int16).reshape(1, 4, 4)
+    write_image(path, original)
+    before = path.read_bytes()
+
+    monkeypatch.setattr(writers, "_write_sitk", _broken_writer)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_image(path, np.ones((1, 4, 4), np.int16))
+
+    assert path.read_bytes() == before
+    assert _entries(tmp_path) == ["x.nii.gz"]
+    np.testing.assert_array_equal(read_image(path).array, original)
+
+
+def test_write_overwrites_existing_file(tmp_path):
+    path = tmp_path / "x.png"
+    write_image(path, np.zeros((1, 4, 4), np.uint8))
+    write_image(path, np.full((3, 4, 4), 9, np.uint8))
+    image = read_image(path)
+    assert image.channels == 3
+    assert int(image.array.min()) == 9
+    assert _entries(tmp_path) == ["x.png"]

@@ -1,7 +1,7 @@
 """Reading, checking, transforming and writing medical images and volumes (2D and 3D)."""
 
 from medfusion.data.dataset import ImageFolderDataset, build_transform
-from medfusion.data.discovery import Discovery, Sample, discover
+from medfusion.data.discovery import Discovery, Sample, discover, load_class_names, save_class_names
 from medfusion.data.errors import DataError, ImageReadError, Problem
 from medfusion.data.image import ImageInfo, MedicalImage
 from medfusion.data.inspect import InspectionReport, inspect_dataset
@@ -28,8 +28,10 @@ __all__ = [
     "build_transform",
     "discover",
     "inspect_dataset",
+    "load_class_names",
     "read_image",
     "read_info",
+    "save_class_names",
     "to_unsigned",
     "write_image",
 ]

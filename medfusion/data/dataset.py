@@ -63,14 +63,17 @@ class ImageFolderDataset(Dataset):
     header is read once up front (shapes, channels), ``"full"`` also decodes every file.
 
     Random transforms draw from ``numpy.random.default_rng([seed, epoch, index])``: an item is the
-    same whatever the worker that loads it; call :meth:`set_epoch` to vary augmentation.
+    same whatever the worker that loads it; call :meth:`set_epoch` before iterating over an epoch
+    to vary augmentation (with ``persistent_workers=True`` the workers keep the epoch they started
+    with).
 
     Args:
         root: the dataset folder.
         labels: ``None``/``"folders"``, ``"none"`` or a ``path,label`` CSV.
         transform: applied to each :class:`MedicalImage`; default: intensity normalisation.
-        class_names: fix the class order (e.g. that of a trained model); labels outside it are
-            errors. Default: sorted names found.
+        class_names: fix the class order (e.g. that of a trained model, or one read with
+            :func:`~medfusion.data.discovery.load_class_names`); labels outside it are errors.
+            Default: sorted names found.
         skip_bad: leave out bad files with a warning rather than raising; files that only fail
             when read (truncated pixels) are replaced by the next readable item.
         validate: ``none``, ``header`` or ``full`` (see above). ``skip_bad`` implies at least

@@ -16,13 +16,14 @@ Layout rules:
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from medfusion.data.errors import DataError, Problem
 from medfusion.data.readers import SIDECAR_SUFFIXES, is_dicom_file, is_image_file
-from medfusion.utils import full_suffix
+from medfusion.utils import atomic_write_text, full_suffix
 
 CSV_COLUMNS = ("path", "label")
 
@@ -231,3 +232,28 @@ def _labels_from_csv(root: Path, csv_path: Path, found: list[tuple[str, str]]):
             else:
                 problems.append(Problem(str(csv_path), f"line {line}: {key} is not an image or volume"))
     return samples, problems, "csv"
+
+
+def save_class_names(path: str | os.PathLike, class_names: tuple[str, ...] | list[str]) -> Path:
+    """Write the class order (index = position) as JSON, atomically: ``{"class_names": [...]}``."""
+    names = list(class_names)
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"class_names must be distinct non-empty strings; got {names}")
+    atomic_write_text(path, json.dumps({"class_names": names}, indent=2) + "\n")
+    return Path(path)
+
+
+def load_class_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """Read a class order written by :func:`save_class_names`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read class names: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from e
+    names = data.get("class_names") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f'{path}: expected {{"class_names": ["name", ...]}}')
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: class names repeat: {names}")
+    return tuple(names)

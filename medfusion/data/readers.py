@@ -339,8 +339,8 @@ def _dicom_dtype(ds) -> str:
     return "float64"
 
 
-def _dicom_info(path: Path, fmt: str) -> ImageInfo:
-    ds = _dcmread(path, header_only=True)
+def _dicom_info(path: Path, fmt: str, ds=None) -> ImageInfo:
+    ds = ds if ds is not None else _dcmread(path, header_only=True)
     if "Rows" not in ds or "Columns" not in ds:
         raise ImageReadError(path, "DICOM file holds no image (no Rows/Columns)")
     if _dicom_frames(ds) > 1:
@@ -401,7 +401,9 @@ def _dicom_image(path: Path, fmt: str) -> MedicalImage:
     ds = _dcmread(path, header_only=False)
     if "PixelData" not in ds:
         raise ImageReadError(path, "DICOM file holds no pixel data")
-    info = _dicom_info(path, fmt)
+    info = _dicom_info(path, fmt, ds)
+    if info.spatial_dims == 3:  # multi-frame: a volume, through SimpleITK/GDCM like a series
+        return _sitk_image(path, fmt).replace(modality=str(ds.get("Modality", "")))
     pixels = _dicom_pixels(path, ds)
     pixels = _to_dtype(np.asarray(pixels), info.dtype)
     pixels = np.moveaxis(pixels, -1, 0) if info.channels > 1 else pixels[None]
@@ -480,19 +482,6 @@ def _sitk_image(path: Path, fmt: str) -> MedicalImage:
     except RuntimeError as e:
         raise ImageReadError(path, f"cannot read as {fmt} (corrupt or truncated?): {_describe(e)}") from e
     return _sitk_to_medical(path, image)
-
-
-def _multiframe_dicom_image(path: Path, fmt: str) -> MedicalImage:
-    """Multi-frame DICOM as a volume through SimpleITK/GDCM (rescale and MONOCHROME1 applied)."""
-    ds = _dcmread(path, header_only=True)
-    return _sitk_image(path, fmt).replace(modality=str(ds.get("Modality", "")))
-
-
-def _dicom_any_image(path: Path, fmt: str) -> MedicalImage:
-    ds = _dcmread(path, header_only=True)
-    if _dicom_frames(ds) > 1:
-        return _multiframe_dicom_image(path, fmt)
-    return _dicom_image(path, fmt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,7 +632,7 @@ _IMAGE_READERS = {
     "jpeg": _raster_image,
     "bmp": _raster_image,
     "tiff": _tiff_image,
-    "dicom": _dicom_any_image,
+    "dicom": _dicom_image,
     "nifti": _nifti_image,
     "metaimage": _sitk_image,
     "nrrd": _sitk_image,

@@ -178,3 +178,34 @@ def test_suffixless_dicom_files_are_found(tmp_path):
     [path] = write_ct_series(tmp_path / "data", [0])
     path.rename(tmp_path / "data" / "IM0001")
     assert [s.relpath for s in discover(tmp_path / "data").samples] == ["IM0001"]
+
+
+def test_class_names_round_trip(tmp_path, make_folder):
+    from medfusion.data import ImageFolderDataset, load_class_names, save_class_names
+
+    path = save_class_names(tmp_path / "classes.json", ("tumor", "normal"))
+    assert load_class_names(path) == ("tumor", "normal")
+    ds = ImageFolderDataset(make_folder({"normal": 1, "tumor": 1}), class_names=load_class_names(path))
+    assert ds.labels == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("{", "not valid JSON"), ('{"names": []}', "expected"), ('{"class_names": ["a", "a"]}', "repeat")],
+)
+def test_bad_class_names_file(tmp_path, text, message):
+    from medfusion.data import load_class_names
+
+    (tmp_path / "c.json").write_text(text)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'c.json'}: ") + ".*" + message):
+        load_class_names(tmp_path / "c.json")
+    with pytest.raises(DataError, match="cannot read class names"):
+        load_class_names(tmp_path / "missing.json")
+
+
+def test_save_class_names_rejects_duplicates(tmp_path):
+    from medfusion.data import save_class_names
+
+    with pytest.raises(ValueError, match="distinct non-empty"):
+        save_class_names(tmp_path / "c.json", ["a", "a"])
+    assert not (tmp_path / "c.json").exists()

@@ -82,6 +82,8 @@ def format_of(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_dir():
         return "dicom-series"
+    if not path.exists():
+        raise ImageReadError(path, "no such file")
     suffix = full_suffix(path)
     for table in (RASTER_FORMATS, TIFF_FORMATS, VOLUME_FORMATS):
         if suffix in table:

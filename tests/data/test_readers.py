@@ -392,12 +392,35 @@ def test_unsupported_suffix(tmp_path, name):
             read(path)
 
 
-@pytest.mark.parametrize("name", ["gone.png", "gone.jpg", "gone.tif", "gone.nii.gz", "gone.dcm"])
+@pytest.mark.parametrize(
+    "name", ["gone.png", "gone.jpg", "gone.tif", "gone.nii.gz", "gone.dcm", "gone.mha", "gone.nrrd", "gone"]
+)
 def test_missing_file(tmp_path, name):
     path = tmp_path / name
     for read in (read_info, read_image):
         with pytest.raises(ImageReadError, match=error_at(path, "(?i:no such file)")):
             read(path)
+
+
+def test_metaimage_with_detached_data(tmp_path):
+    """A .mhd header with its .raw data file: read with geometry; the .raw is not a sample."""
+    import SimpleITK as sitk
+
+    from medfusion.data import discover
+
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    itk = sitk.GetImageFromArray(array)
+    itk.SetSpacing((0.5, 0.75, 2.0))
+    itk.SetOrigin((-3.0, 4.0, 5.0))
+    sitk.WriteImage(itk, str(tmp_path / "vol.mhd"))
+    assert (tmp_path / "vol.raw").exists()
+    image = read_image(tmp_path / "vol.mhd")
+    np.testing.assert_array_equal(image.array, array[None])
+    assert image.spacing == (0.5, 0.75, 2.0) and image.origin == (-3.0, 4.0, 5.0)
+    info = read_info(tmp_path / "vol.mhd")
+    assert info.format == "metaimage" and info.shape == (4, 5, 6) and info.dtype == "int16"
+    found = discover(tmp_path)
+    assert [s.relpath for s in found.samples] == ["vol.mhd"] and found.ignored == ("vol.raw",)
 
 
 def test_empty_nifti_file(tmp_path):

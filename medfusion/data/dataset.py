@@ -107,7 +107,8 @@ class ImageFolderDataset(Dataset):
         self.class_names = tuple(class_names) if class_names is not None else discovery.class_names
         problems = list(discovery.problems)
         problems += self._unknown_label_problems(discovery.samples)
-        samples = [s for s in discovery.samples if s.path not in {p.path for p in problems}]
+        listed_bad = {p.path for p in problems}
+        samples = [s for s in discovery.samples if s.path not in listed_bad]
         records = None
         if validate != "none":
             records = scan(samples, read_pixels=validate == "full", progress=progress, desc="checking files")

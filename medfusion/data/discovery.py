@@ -111,12 +111,14 @@ def _walk(root: Path) -> tuple[list[tuple[str, str]], list[str], list[Problem]]:
         dicom = [f for f in files if is_dicom_file(folder_path / f)]
         if _is_dicom_series(folder_path, dicom):
             found.append((str(folder_path.resolve()), rel_folder))
-            files = [f for f in files if f not in set(dicom)]
+            series_files = set(dicom)
+            files = [f for f in files if f not in series_files]
             dicom = []
+        dicom_names = set(dicom)
         for name in files:
             path = folder_path / name
             rel = (Path(rel_folder) / name).as_posix() if rel_folder != "." else name
-            if name in dicom or is_image_file(path):
+            if name in dicom_names or is_image_file(path):
                 found.append((str(path.resolve()), rel))
             elif full_suffix(name) in SIDECAR_SUFFIXES:
                 ignored.append(rel)

@@ -198,7 +198,8 @@ def _pil_mode(path: Path, im) -> tuple[int, str]:
     if mode not in _PIL_MODES:
         raise ImageReadError(path, f"unsupported pixel mode {mode!r}")
     channels, dtype = _PIL_MODES[mode]
-    if mode == "I" and _png_header(path) is not None and _png_header(path)[0] == 16:
+    header = _png_header(path) if mode == "I" else None
+    if header is not None and header[0] == 16:
         dtype = "uint16"  # Pillow opens some 16-bit grayscale PNGs as 32-bit "I"
     return channels, dtype
 

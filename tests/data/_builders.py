@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medfusion.data.image import ImageInfo, MedicalImage
+
 
 def gray_crops(source: np.ndarray, count: int, size: int = 16, offset: int = 0) -> list[np.ndarray]:
     """``count`` distinct (1, size, size) crops along the diagonal of ``source``."""
@@ -37,3 +39,12 @@ def write_ct_series(folder: Path, positions: list[float], series_uid: str | None
         ds.save_as(path)
         paths.append(path)
     return paths
+
+
+def assert_info_agrees(info: ImageInfo, image: MedicalImage, atol: float = 1e-6) -> None:
+    """The header reader and the pixel reader describe the same image."""
+    assert info.spatial_dims == image.spatial_dims
+    assert info.shape == image.spatial_shape
+    assert info.channels == image.channels
+    assert info.dtype == image.array.dtype.name
+    np.testing.assert_allclose(info.spacing, image.spacing, rtol=0, atol=atol)

@@ -17,12 +17,13 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
+from _builders import assert_info_agrees
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from medfusion.data.errors import ImageReadError
-from medfusion.data.image import ImageInfo, MedicalImage, identity_direction
+from medfusion.data.image import identity_direction
 from medfusion.data.readers import read_image, read_info
 from medfusion.data.writers import write_image
 
@@ -39,14 +40,6 @@ def raw_pixels(path: str) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return pydicom.dcmread(path).pixel_array
-
-
-def assert_info_agrees(info: ImageInfo, image: MedicalImage) -> None:
-    assert info.spatial_dims == image.spatial_dims
-    assert info.shape == image.spatial_shape
-    assert info.channels == image.channels
-    assert info.dtype == image.array.dtype.name
-    np.testing.assert_allclose(info.spacing, image.spacing, rtol=0, atol=1e-6)
 
 
 def error_at(path, what: str) -> str:

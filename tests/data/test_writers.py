@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _builders import assert_info_agrees
 
 from medfusion.data import writers
-from medfusion.data.image import ImageInfo, MedicalImage, identity_direction
+from medfusion.data.image import MedicalImage, identity_direction
 from medfusion.data.readers import read_image, read_info
 from medfusion.data.writers import to_unsigned, write_image
 
@@ -45,14 +46,6 @@ def rotation(spatial_dims: int) -> np.ndarray:
     return rz @ rx
 
 
-def assert_info_agrees(info: ImageInfo, image: MedicalImage) -> None:
-    assert info.spatial_dims == image.spatial_dims
-    assert info.shape == image.spatial_shape
-    assert info.channels == image.channels
-    assert info.dtype == image.array.dtype.name
-    np.testing.assert_allclose(info.spacing, image.spacing, rtol=0, atol=1e-9)
-
-
 def assert_unit_geometry(image: MedicalImage, spatial_dims: int) -> None:
     assert image.spatial_dims == spatial_dims
     assert image.spacing == (1.0,) * spatial_dims
@@ -82,7 +75,7 @@ def test_png_round_trip(tmp_path, rng, dtype, channels):
     assert_unit_geometry(image, 2)
     info = read_info(path)
     assert info.format == "png"
-    assert_info_agrees(info, image)
+    assert_info_agrees(info, image, atol=1e-9)
 
 
 @pytest.mark.parametrize("channels", [3, 4])
@@ -125,7 +118,7 @@ def test_tiff_round_trip(tmp_path, rng, dtype, channels, height, width):
     assert_unit_geometry(image, 2)
     info = read_info(path)
     assert info.format == "tiff"
-    assert_info_agrees(info, image)
+    assert_info_agrees(info, image, atol=1e-9)
 
 
 def test_tiff_suffix_tiff(tmp_path, rng):
@@ -156,7 +149,7 @@ def test_volume_round_trip(tmp_path, rng, suffix, spatial_dims, channels, dtype)
     np.testing.assert_allclose(image.spacing, spacing, rtol=0, atol=1e-6)
     np.testing.assert_allclose(image.origin, origin, rtol=0, atol=1e-6)
     np.testing.assert_allclose(image.direction, direction, rtol=0, atol=1e-6)
-    assert_info_agrees(read_info(path), image)
+    assert_info_agrees(read_info(path), image, atol=1e-9)
 
 
 @pytest.mark.parametrize("suffix", VOLUME_SUFFIXES)

@@ -286,7 +286,9 @@ def _dcmread(path: Path, header_only: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return pydicom.dcmread(path, stop_before_pixels=header_only)
+            # Large elements (the pixel data) are read only when accessed, so a multi-frame file
+            # decoded by SimpleITK is not also loaded here.
+            return pydicom.dcmread(path, stop_before_pixels=header_only, defer_size="64 KB")
         except Exception as e:
             raise ImageReadError(path, f"not a readable DICOM file: {_describe(e)}") from e
 

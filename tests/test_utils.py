@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,15 @@ def test_atomic_dir_failure_keeps_previous_folder(tmp_path):
     assert _entries(target) == ["old.txt"]
     assert (target / "old.txt").read_text() == "old"
     assert _entries(tmp_path) == ["run"]
+
+
+def test_atomic_outputs_get_the_umask_mode_not_a_private_one(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755

@@ -41,7 +41,9 @@ class ResBlock(nn.Module):
         zero_init: bool = False,
     ):
         super().__init__()
-        out_channels = out_channels or in_channels
+        out_channels = in_channels if out_channels is None else out_channels
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"channel counts must be >= 1; got in {in_channels}, out {out_channels}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         self.norm1 = group_norm(in_channels, norm_num_groups)
@@ -102,8 +104,8 @@ class AttentionBlock(nn.Module):
         backend: str = "sdpa",
     ):
         super().__init__()
-        head_channels = num_head_channels or channels
-        if channels % head_channels:
+        head_channels = channels if num_head_channels is None else num_head_channels
+        if head_channels < 1 or channels % head_channels:
             raise ValueError(
                 f"channels ({channels}) must be a multiple of num_head_channels ({head_channels})"
             )

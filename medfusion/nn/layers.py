@@ -57,7 +57,7 @@ class Downsample(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, out_channels: int | None = None, use_conv=True):
         super().__init__()
-        out_channels = out_channels or channels
+        out_channels = channels if out_channels is None else out_channels
         if use_conv:
             self.op = conv_nd(spatial_dims, channels, out_channels, 3, stride=2, padding=1)
         elif out_channels == channels:
@@ -74,12 +74,11 @@ class Upsample(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, out_channels: int | None = None, use_conv=True):
         super().__init__()
-        out_channels = out_channels or channels
+        out_channels = channels if out_channels is None else out_channels
         if not use_conv and out_channels != channels:
             raise ValueError("Upsample without convolution cannot change the channel count")
         self.conv = conv_nd(spatial_dims, channels, out_channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Interpolation in float32 where bfloat16 nearest is not implemented on every backend.
         h = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (N, C, *spatial*2)
         return self.conv(h) if self.conv is not None else h

@@ -1,6 +1,6 @@
 """Reading, checking, transforming and writing medical images and volumes (2D and 3D)."""
 
-from medfusion.data.dataset import ImageFolderDataset, build_transform
+from medfusion.data.dataset import DatasetSubset, ImageFolderDataset, build_transform, split_indices
 from medfusion.data.discovery import Discovery, Sample, discover, load_class_names, save_class_names
 from medfusion.data.errors import DataError, ImageReadError, Problem
 from medfusion.data.image import ImageInfo, MedicalImage
@@ -13,6 +13,7 @@ __all__ = [
     "Compose",
     "CropOrPad",
     "DataError",
+    "DatasetSubset",
     "Discovery",
     "ImageFolderDataset",
     "ImageInfo",
@@ -32,6 +33,7 @@ __all__ = [
     "read_image",
     "read_info",
     "save_class_names",
+    "split_indices",
     "to_unsigned",
     "write_image",
 ]

@@ -219,3 +219,60 @@ class ImageFolderDataset(Dataset):
             "label": self._label_index(self.samples[current]),
             "index": index,
         }
+
+
+class DatasetSubset(Dataset):
+    """Some items of an :class:`ImageFolderDataset`, in a given order, with the same interface.
+
+    ``samples``, ``labels`` and item ``index`` refer to positions in the subset; random transforms
+    still draw from the parent's ``(seed, epoch, parent index)``.
+    """
+
+    def __init__(self, dataset: ImageFolderDataset, indices: Sequence[int]):
+        if any(not 0 <= i < len(dataset) for i in indices):
+            raise IndexError(f"subset indices must lie in [0, {len(dataset)})")
+        self.dataset = dataset
+        self.indices = tuple(int(i) for i in indices)
+        self.samples = tuple(dataset.samples[i] for i in self.indices)
+        self.root = dataset.root
+        self.class_names = dataset.class_names
+
+    spatial_dims = property(lambda self: self.dataset.spatial_dims)
+    channels = property(lambda self: self.dataset.channels)
+    num_classes = property(lambda self: self.dataset.num_classes)
+    info = property(lambda self: self.dataset.info)
+
+    @property
+    def labels(self) -> list[int]:
+        labels = self.dataset.labels
+        return [labels[i] for i in self.indices]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[self.indices[index]]
+        return {**item, "index": index % len(self)}
+
+
+def split_indices(labels: Sequence[int], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split item indices into (kept, held out), holding out ``fraction`` of every class.
+
+    Each class with at least two items keeps at least one and holds out at least one; the choice
+    is random but fixed by ``seed``. Both lists are sorted.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"held-out fraction must be between 0 and 1; got {fraction}")
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for label in sorted(set(labels)):
+        members = [i for i, x in enumerate(labels) if x == label]
+        if len(members) < 2:
+            continue
+        count = min(max(1, round(fraction * len(members))), len(members) - 1)
+        held += [members[i] for i in rng.permutation(len(members))[:count]]
+    held_set = set(held)
+    return [i for i in range(len(labels)) if i not in held_set], sorted(held)

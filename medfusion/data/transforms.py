@@ -59,6 +59,8 @@ def as_float_tensor(array) -> torch.Tensor:
     array = np.asarray(array)
     if array.dtype == np.uint16 or array.dtype == np.uint32:
         array = array.astype(np.int64)  # torch has no unsigned 16/32-bit arithmetic
+    if not array.flags.writeable:  # e.g. a read-only memory map; torch wants writable memory
+        return torch.tensor(array, dtype=torch.float32)
     return torch.from_numpy(np.ascontiguousarray(array)).float()
 
 

@@ -11,7 +11,15 @@ from torch.utils.data import DataLoader
 
 import medfusion.data.dataset as dataset_module
 from medfusion.config import DataConfig
-from medfusion.data import DataError, ImageFolderDataset, MedicalImage, build_transform, write_image
+from medfusion.data import (
+    DataError,
+    DatasetSubset,
+    ImageFolderDataset,
+    MedicalImage,
+    build_transform,
+    split_indices,
+    write_image,
+)
 
 
 def test_items_are_normalised_tensors_with_labels(make_folder):
@@ -187,3 +195,30 @@ def test_all_files_bad(make_folder):
 def test_invalid_validate_mode(make_folder):
     with pytest.raises(ValueError, match="validate must be one of"):
         ImageFolderDataset(make_folder(1), validate="deep")
+
+
+def test_split_indices_holds_out_a_fraction_of_every_class():
+    labels = [0] * 10 + [1] * 4 + [2]
+    kept, held = split_indices(labels, 0.2, seed=1)
+    assert sorted(kept + held) == list(range(15)) and not set(kept) & set(held)
+    held_labels = [labels[i] for i in held]
+    assert held_labels.count(0) == 2 and held_labels.count(1) == 1 and 2 not in held_labels
+    assert split_indices(labels, 0.2, seed=1) == (kept, held)
+    assert split_indices(labels, 0.2, seed=2) != (kept, held)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        split_indices(labels, 1.0)
+
+
+def test_dataset_subset_keeps_the_interface(make_folder):
+    ds = ImageFolderDataset(make_folder({"a": 3, "b": 2}))
+    subset = DatasetSubset(ds, [4, 0])
+    assert len(subset) == 2 and subset.labels == [1, 0]
+    assert subset.samples == (ds.samples[4], ds.samples[0])
+    assert (subset.spatial_dims, subset.channels, subset.class_names) == (2, 1, ("a", "b"))
+    item = subset[0]
+    assert item["index"] == 0 and item["label"] == 1
+    assert torch.equal(item["image"], ds[4]["image"])
+    subset.set_epoch(3)
+    assert ds.epoch == 3
+    with pytest.raises(IndexError):
+        DatasetSubset(ds, [5])

@@ -47,6 +47,63 @@ def _data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_overrides(pairs: Sequence[str]) -> dict:
+    """``section.key=value`` pairs (values parsed as YAML) as a nested dict."""
+    import yaml
+
+    nested: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE (e.g. train.max_steps=500); got {pair!r}")
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {pair}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return nested
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _train_vae(args: argparse.Namespace) -> int:
+    from medfusion.training.vae import VAERunConfig, train_vae
+
+    config_path = args.config
+    saved = args.out / "config.yaml"
+    if config_path is None and args.resume and saved.is_file():
+        config_path = saved
+        print(f"# resuming with the run's own config {saved}")
+    config = VAERunConfig.load(config_path) if config_path is not None else VAERunConfig()
+    overrides: dict = {}
+    for key, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size)):
+        if value is not None:
+            overrides.setdefault("train", {})[key] = value
+    if args.mixed_precision is not None:
+        overrides.setdefault("train", {})["mixed_precision"] = args.mixed_precision
+    if args.labels is not None:
+        overrides.setdefault("data", {})["labels"] = args.labels
+    if args.skip_bad:
+        overrides.setdefault("data", {})["skip_bad"] = True
+    if args.heldout is not None:
+        overrides["heldout"] = str(args.heldout)
+    overrides = _merge(overrides, _parse_overrides(args.set))
+    if overrides:
+        config = VAERunConfig.from_dict(_merge(config.to_dict(), overrides), source="command line")
+    train_vae(args.data, args.out, config, resume=args.resume, dry_run=args.dry_run, progress=not args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medfusion", description="Latent diffusion for medical image synthesis, 2D and 3D."
@@ -89,6 +146,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_data_demo)
+
+    vae = commands.add_parser(
+        "train-vae",
+        help="train the autoencoder that maps images/volumes to latents",
+        description="Train a KL-regularised VAE on DATA. Writes RUN/vae (the model), RUN/checkpoints, "
+        "RUN/logs (TensorBoard, metrics.jsonl, reconstruction grids), RUN/config.yaml and "
+        "RUN/vae_eval.json (PSNR, SSIM, MS-SSIM on held-out images). Multi-GPU: "
+        "accelerate launch -m medfusion train-vae ...",
+    )
+    vae.add_argument("--data", type=Path, required=True, metavar="DATA", help="training images/volumes")
+    vae.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
+    vae.add_argument(
+        "--config", type=Path, metavar="YAML", help="config with sections data, model, loss, train"
+    )
+    vae.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint in RUN")
+    vae.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    vae.add_argument("--labels", metavar="CSV", help="CSV with columns path,label ('none': unlabelled)")
+    vae.add_argument("--skip-bad", action="store_true", help="leave out bad files with a warning")
+    vae.add_argument("--heldout", type=Path, metavar="DIR", help="held-out images for the evaluation")
+    vae.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
+    vae.add_argument("--batch-size", type=int, help="images per process and step (train.batch_size)")
+    vae.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="train.mixed_precision")
+    vae.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.latent_channels=8 (repeatable)",
+    )
+    vae.add_argument("--quiet", action="store_true", help="no progress bars")
+    vae.set_defaults(run=_train_vae)
     return parser
 
 
@@ -99,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, ValueError, FileExistsError, RuntimeError) as e:
+    except (DataError, ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         print(f"medfusion: error: {e}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,592 @@
+"""The one training loop of the toolkit, on HuggingFace Accelerate.
+
+A model is trained by handing :func:`train` a :class:`TrainingTask` (which modules are trained and
+how a batch becomes losses) and a dataset. The loop owns everything else: devices and processes,
+mixed precision, gradient accumulation and clipping, one AdamW optimizer and learning-rate
+schedule per trained module, an EMA of the main module's weights, checkpoints, resume, logging,
+and stopping on a non-finite loss.
+
+Resume is exact: the data order is a permutation drawn from ``(seed, epoch)``, each micro-batch's
+random numbers come from a generator seeded by ``(seed, process, micro-batch)``, and a checkpoint
+holds the weights, EMA, optimizer, schedule, grad-scaler and RNG states, so a run stopped at step
+30 and resumed to 60 ends with the same weights as a run straight to 60.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from tqdm.auto import tqdm
+
+from medfusion.config import Config
+from medfusion.training.checkpoint import CheckpointManager
+from medfusion.training.state_io import CheckpointError, load_state, rng_state, save_state, set_rng_state
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+TRAINER_FILE = "trainer.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a dataset too small for one batch ...)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """How a model is trained (the same for every model of the toolkit).
+
+    Attributes:
+        max_steps: optimizer steps in all.
+        batch_size: images per process and micro-batch; the global batch is
+            ``batch_size * processes * gradient_accumulation_steps``.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        learning_rate: peak learning rate of AdamW.
+        adam_betas, weight_decay: of AdamW.
+        lr_schedule: ``constant``, ``constant_with_warmup``, ``linear`` or ``cosine`` (after warm-up).
+        warmup_steps: linear warm-up from 0.
+        max_grad_norm: clip the gradient norm to this; None: no clipping.
+        mixed_precision: ``no``, ``fp16`` (with a grad scaler) or ``bf16``.
+        ema_decay: decay of the EMA of the weights (the EMA weights are what is exported); None: off.
+        ema_warmup: ramp the decay up as ``1 - (1 + step)^(-2/3)`` so early EMA follows the weights.
+        compile: ``torch.compile`` the trained modules.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+        checkpoint_every: steps between checkpoints (one is also written at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        log_every: steps between logged scalars (progress bar, TensorBoard, ``metrics.jsonl``).
+        preview_every: steps between preview image grids (e.g. reconstructions); 0: only at the end.
+        num_workers: DataLoader worker processes.
+        seed: seeds initialisation, data order, augmentation and per-step noise.
+    """
+
+    max_steps: int = 10_000
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant_with_warmup"
+    warmup_steps: int = 100
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    ema_decay: float | None = 0.999
+    ema_warmup: bool = True
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    preview_every: int = 500
+    num_workers: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every")
+        positive += ("keep_checkpoints", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("warmup_steps", "preview_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0; got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"train.learning_rate must be > 0; got {self.learning_rate}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"train.mixed_precision must be one of {MIXED_PRECISION}; got {self.mixed_precision!r}"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1) or null; got {self.ema_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"train.max_grad_norm must be > 0 or null; got {self.max_grad_norm}")
+
+
+class TrainingTask:
+    """What a model contributes to :func:`train`; subclass it for each kind of model.
+
+    ``modules()`` returns the trained modules by name, the main one (EMA, export) first.
+    ``training_step`` yields ``(module name, loss, terms)`` once per module to update, in order:
+    the loop back-propagates each loss and steps that module's optimizer before asking for the
+    next, so a later loss may reuse tensors of an earlier one (e.g. a discriminator on detached
+    reconstructions).
+    """
+
+    name = "model"
+
+    def modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def learning_rate(self, module: str, default: float) -> float:
+        """Learning rate of ``module``'s optimizer; default: the training config's."""
+        return default
+
+    def setup(self, accelerator: Accelerator) -> None:
+        """Move any frozen helper networks to ``accelerator.device`` (called once)."""
+
+    def training_step(
+        self, models: Mapping[str, nn.Module], batch: dict, step: int
+    ) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+        """Losses of one micro-batch. ``models`` are the prepared (possibly DDP-wrapped) modules;
+        ``step`` counts the optimizer steps done so far."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def preview(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Images (N, C, *spatial) in [-1, 1] to show for the main ``model`` (EMA weights) on a
+        fixed batch, and scalars to log with them."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` returns (on every process)."""
+
+    step: int
+    models: dict[str, nn.Module]  # unwrapped; the main one holds the EMA weights when EMA is on
+    checkpoint: Path | None
+    history: list[dict] = field(default_factory=list)  # logged scalars (main process)
+
+
+class EpochSampler(Sampler[list[int]]):
+    """Batches of one process: a permutation from ``(seed, epoch)`` cut into global batches.
+
+    Every process sees the same permutation and takes its own slice of each global batch; the
+    last incomplete global batch is dropped. ``set_epoch(epoch, start)`` skips ``start`` batches,
+    which is how a resumed run continues mid-epoch without reading the skipped files.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.size // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        global_batch = self.batch_size * self.world_size
+        for b in range(self.start, len(self)):
+            first = b * global_batch + self.rank * self.batch_size
+            yield order[first : first + self.batch_size].tolist()
+
+
+def _step_seed(seed: int, rank: int, micro_step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0])
+
+
+def _tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX")
+
+
+class _Logger:
+    """Scalars to TensorBoard and ``metrics.jsonl``, images to PNG and TensorBoard (main process)."""
+
+    def __init__(self, accelerator: Accelerator, log_dir: Path, name: str):
+        self.accelerator = accelerator
+        self.log_dir = log_dir
+        self.history: list[dict] = []
+        self.tensorboard = False
+        if accelerator.is_main_process:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        if _tensorboard_available():
+            accelerator.init_trackers(name)
+            self.tensorboard = True
+        elif accelerator.is_main_process:
+            warnings.warn("tensorboard is not installed: scalars go to metrics.jsonl only", stacklevel=3)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        if self.tensorboard:
+            self.accelerator.log(values, step=step)
+        record = {"step": step, **values}
+        self.history.append(record)
+        with open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def images(self, tag: str, images: torch.Tensor, step: int) -> Path:
+        from medfusion.training.visualize import save_grid
+
+        path = save_grid(images, self.log_dir / "images" / f"{tag}_step_{step:07d}.png")
+        if self.tensorboard:
+            from PIL import Image
+
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        return path
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.accelerator.end_training()
+
+
+def _describe_batch(dataset: Dataset, batch: dict) -> str:
+    samples = getattr(dataset, "samples", None)
+    indices = batch.get("index")
+    if samples is None or indices is None:
+        return ""
+    paths = [str(samples[int(i)].path) for i in indices.tolist()]
+    shown = ", ".join(paths[:8]) + (f" (+{len(paths) - 8} more)" if len(paths) > 8 else "")
+    return f"\n  files in this batch: {shown}"
+
+
+def _check_finite(loss: torch.Tensor, name: str, step: int, batch: dict, dataset: Dataset, last: str):
+    if torch.isfinite(loss.detach()).all():
+        return
+    images = batch.get("image")
+    bad_input = isinstance(images, torch.Tensor) and not torch.isfinite(images).all()
+    cause = (
+        "the batch itself holds NaN/Inf values"
+        if bad_input
+        else "the inputs are finite, so the model diverged: lower train.learning_rate, keep "
+        "train.max_grad_norm on, or use bf16 instead of fp16"
+    )
+    raise TrainingError(
+        f"the {name} loss is {loss.detach().float().item()} at step {step + 1}; stopping rather than "
+        f"training a broken model ({cause}).{_describe_batch(dataset, batch)}\n  {last}"
+    )
+
+
+def _collate(items: list[dict]) -> dict:
+    shapes = {tuple(item["image"].shape) for item in items if isinstance(item.get("image"), torch.Tensor)}
+    if len(shapes) > 1:
+        raise TrainingError(
+            f"the images of one batch have different shapes {sorted(shapes)}: set data.crop (or "
+            "data.resize / data.spacing) so that every item has the same size"
+        )
+    return default_collate(items)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+@contextlib.contextmanager
+def _ema_weights(ema: EMAModel | None, model: nn.Module) -> Iterator[None]:
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
+def _save_checkpoint(
+    manager: CheckpointManager,
+    step: int,
+    modules: dict[str, nn.Module],
+    optimizers: dict,
+    schedulers: dict,
+    ema: EMAModel | None,
+    accelerator: Accelerator,
+    config: TrainConfig,
+) -> Path:
+    def write(folder: Path) -> None:
+        for name, module in modules.items():
+            state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            save_file(state, folder / f"model_{name}.safetensors")
+            save_state(optimizers[name].state_dict(), folder / f"optimizer_{name}")
+            save_state(schedulers[name].state_dict(), folder / f"scheduler_{name}")
+        if ema is not None:
+            save_state(ema.state_dict(), folder / "ema")
+        if accelerator.scaler is not None:
+            save_state(accelerator.scaler.state_dict(), folder / "scaler")
+        save_state(rng_state(), folder / "rng")
+        trainer = {
+            "step": step,
+            "processes": accelerator.num_processes,
+            "train": config.to_dict(),
+        }
+        (folder / TRAINER_FILE).write_text(json.dumps(trainer, indent=2) + "\n", encoding="utf-8")
+
+    return manager.save(step, write)
+
+
+def _load_checkpoint(
+    folder: Path,
+    modules: dict[str, nn.Module],
+    optimizers: dict,
+    schedulers: dict,
+    ema: EMAModel | None,
+    accelerator: Accelerator,
+    config: TrainConfig,
+) -> int:
+    trainer = json.loads((folder / TRAINER_FILE).read_text(encoding="utf-8"))
+    for name, module in modules.items():
+        path = folder / f"model_{name}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: it holds no weights for the module {name!r}")
+        try:
+            module.load_state_dict(load_file(path))
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: does not fit the model being trained: {e}") from e
+        optimizers[name].load_state_dict(load_state(folder / f"optimizer_{name}"))
+        schedulers[name].load_state_dict(load_state(folder / f"scheduler_{name}"))
+    if ema is not None:
+        if not (folder / "ema.json").is_file():
+            raise CheckpointError(f"{folder}: no EMA state, but train.ema_decay is set")
+        ema.load_state_dict(load_state(folder / "ema"))
+    if accelerator.scaler is not None and (folder / "scaler.json").is_file():
+        accelerator.scaler.load_state_dict(load_state(folder / "scaler"))
+    set_rng_state(load_state(folder / "rng"))
+    saved = trainer.get("train", {})
+    for key in ("batch_size", "gradient_accumulation_steps", "seed"):
+        if saved.get(key) != getattr(config, key):
+            warnings.warn(
+                f"{folder}: train.{key} was {saved.get(key)} and is now {getattr(config, key)}; "
+                "the run continues, but not as it would have without the interruption",
+                stacklevel=3,
+            )
+    if trainer.get("processes") != accelerator.num_processes:
+        warnings.warn(
+            f"{folder}: written by {trainer.get('processes')} process(es), resumed with "
+            f"{accelerator.num_processes}: the data order differs from an uninterrupted run",
+            stacklevel=3,
+        )
+    return int(trainer["step"])
+
+
+def train(
+    task: TrainingTask,
+    dataset: Dataset,
+    out_dir: str | Path,
+    config: TrainConfig,
+    resume: bool = False,
+    preview_batch: dict | None = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``task``'s modules on ``dataset`` for ``config.max_steps`` optimizer steps.
+
+    Writes ``out_dir/checkpoints/step_*/`` (every ``checkpoint_every`` steps and at the end) and
+    ``out_dir/logs/`` (TensorBoard events, ``metrics.jsonl``, ``images/*.png``).
+
+    Args:
+        task: the modules and their losses.
+        dataset: items are dicts holding at least ``image`` (C, *spatial).
+        out_dir: the run folder.
+        config: the training settings.
+        resume: continue from the latest valid checkpoint in ``out_dir/checkpoints`` (a corrupt one
+            is reported and the one before it used). Without it, existing checkpoints are an error.
+        preview_batch: a fixed batch for the preview grids (default: the first training items).
+        callback: called on every process after each optimizer step with ``(step, scalars)``
+            (scalars only on logging steps); it may raise to stop the run.
+        progress: show a progress bar (main process).
+    Returns:
+        the step reached, the unwrapped modules (EMA weights copied into the main one) and the
+        last checkpoint.
+    """
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard" if _tensorboard_available() else None,
+        project_dir=str(out_dir / "logs"),
+    )
+    manager = CheckpointManager(out_dir / "checkpoints", keep_last=config.keep_checkpoints)
+    if not resume and manager.list():
+        raise FileExistsError(
+            f"{out_dir / 'checkpoints'} already holds checkpoints: pass --resume (resume=True) to "
+            "continue that run, or choose another output folder"
+        )
+    world = accelerator.num_processes
+    per_epoch = len(dataset) // (config.batch_size * world)
+    if per_epoch < 1:
+        raise TrainingError(
+            f"the dataset has {len(dataset)} item(s), fewer than one global batch of "
+            f"{config.batch_size * world} (train.batch_size x {world} process(es)); lower train.batch_size"
+        )
+
+    modules = task.modules()
+    main_name = next(iter(modules))
+    for module in modules.values():
+        if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+            module.enable_gradient_checkpointing()
+    task.setup(accelerator)
+    fused = accelerator.device.type == "cuda"
+    optimizers = {
+        name: torch.optim.AdamW(
+            module.parameters(),
+            lr=task.learning_rate(name, config.learning_rate),
+            betas=config.adam_betas,
+            weight_decay=config.weight_decay,
+            fused=fused,
+        )
+        for name, module in modules.items()
+    }
+    schedulers = {
+        name: get_scheduler(
+            config.lr_schedule,
+            opt,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.max_steps,
+        )
+        for name, opt in optimizers.items()
+    }
+    ema = None
+    if config.ema_decay is not None:
+        ema = EMAModel(
+            modules[main_name].parameters(),
+            decay=config.ema_decay,
+            use_ema_warmup=config.ema_warmup,
+            power=2 / 3,
+        )
+
+    step = 0
+    checkpoint: Path | None = None
+    log = (lambda msg: print(msg, file=sys.stderr)) if accelerator.is_main_process else (lambda msg: None)
+    if resume:
+        found = manager.latest_valid(log=log)
+        if found is None:
+            log(f"resume: no checkpoint in {manager.root}; starting from step 0")
+        else:
+            checkpoint, _ = found
+            step = _load_checkpoint(checkpoint, modules, optimizers, schedulers, ema, accelerator, config)
+            log(f"resumed from {checkpoint} (step {step})")
+    if ema is not None:
+        ema.to(accelerator.device)
+    if config.compile:
+        for module in modules.values():
+            module.compile()
+
+    names = list(modules)
+    prepared = accelerator.prepare(*modules.values(), *optimizers.values())
+    models = dict(zip(names, prepared[: len(names)]))
+    optimizers = dict(zip(names, prepared[len(names) :]))
+
+    sampler = EpochSampler(len(dataset), config.batch_size, config.seed, accelerator.process_index, world)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config.num_workers,
+        collate_fn=_collate,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    if preview_batch is None:
+        preview_batch = next(iter(DataLoader(dataset, batch_size=min(8, len(dataset)), collate_fn=_collate)))
+    preview_batch = _to_device(preview_batch, accelerator.device)
+
+    logger = _Logger(accelerator, out_dir / "logs", task.name)
+    images_per_step = config.batch_size * world * config.gradient_accumulation_steps
+    bar = tqdm(
+        total=config.max_steps,
+        initial=step,
+        desc=f"training {task.name}",
+        unit="step",
+        disable=not (progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    micro = step * config.gradient_accumulation_steps
+    last_checkpoint = f"last checkpoint: {checkpoint}" if checkpoint else "no checkpoint written yet"
+
+    def preview(at: int) -> dict[str, float]:
+        main = accelerator.unwrap_model(models[main_name])
+        with _ema_weights(ema, main):
+            main.eval()
+            images, scalars = task.preview(main, preview_batch)
+            main.train()
+        logger.images(task.name, images, at)
+        return {f"preview/{k}": float(v) for k, v in scalars.items()}
+
+    try:
+        while step < config.max_steps:
+            epoch, start = divmod(micro, per_epoch)
+            sampler.set_epoch(epoch, start)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            for batch in loader:
+                batch = _to_device(batch, accelerator.device)
+                torch.manual_seed(_step_seed(config.seed, accelerator.process_index, micro))
+                with accelerator.accumulate(*models.values()):
+                    for name, loss, terms in task.training_step(models, batch, step):
+                        _check_finite(loss, name, step, batch, dataset, last_checkpoint)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and config.max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(models[name].parameters(), config.max_grad_norm)
+                        optimizers[name].step()
+                        optimizers[name].zero_grad(set_to_none=True)
+                        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                            schedulers[name].step()
+                        for key, value in {"loss": loss.detach(), **terms}.items():
+                            tag = f"{name}/{key}"
+                            sums[tag] = sums.get(tag, 0.0) + value.detach().float()
+                            counts[tag] = counts.get(tag, 0) + 1
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                window_steps += 1
+                if ema is not None:
+                    ema.step(accelerator.unwrap_model(models[main_name]).parameters())
+                bar.update(1)
+                scalars: dict[str, float] = {}
+                if step % config.log_every == 0 or step == config.max_steps:
+                    tags = sorted(sums)
+                    means = accelerator.reduce(torch.stack([sums[t] / counts[t] for t in tags]), "mean")
+                    elapsed = time.perf_counter() - window_start
+                    scalars = {t: float(v) for t, v in zip(tags, means.tolist())}
+                    scalars["images_per_second"] = window_steps * images_per_step / max(elapsed, 1e-9)
+                    scalars |= {f"lr/{n}": s.get_last_lr()[0] for n, s in schedulers.items()}
+                    sums, counts = {}, {}
+                    window_start, window_steps = time.perf_counter(), 0
+                    main_loss = scalars.get(f"{main_name}/loss", math.nan)
+                    bar.set_postfix(loss=f"{main_loss:.4g}", img_s=f"{scalars['images_per_second']:.1f}")
+                paused = time.perf_counter()  # previews and checkpoints do not count towards images/s
+                if (config.preview_every and step % config.preview_every == 0) or step == config.max_steps:
+                    if accelerator.is_main_process:
+                        scalars |= preview(step)
+                    accelerator.wait_for_everyone()
+                if scalars:
+                    logger.scalars(scalars, step)
+                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    if accelerator.is_main_process:
+                        unwrapped = {n: accelerator.unwrap_model(m) for n, m in models.items()}
+                        checkpoint = _save_checkpoint(
+                            manager, step, unwrapped, optimizers, schedulers, ema, accelerator, config
+                        )
+                        last_checkpoint = f"last checkpoint: {checkpoint}"
+                    accelerator.wait_for_everyone()
+                window_start += time.perf_counter() - paused
+                if callback is not None:
+                    callback(step, scalars)
+                if step >= config.max_steps:
+                    break
+    finally:
+        bar.close()
+        logger.close()
+
+    unwrapped = {n: accelerator.unwrap_model(m) for n, m in models.items()}
+    if ema is not None:
+        ema.copy_to(unwrapped[main_name].parameters())
+    latest = manager.list()
+    return TrainResult(step, unwrapped, latest[-1] if latest else checkpoint, logger.history)

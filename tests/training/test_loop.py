@@ -1,0 +1,211 @@
+"""The shared training loop: exact resume, corrupt checkpoints, NaN stop, logging, data order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _training_helpers import RetinaCrops, tiny_vae
+
+from medfusion.autoencoders.losses import VAELoss, VAELossConfig
+from medfusion.training.loop import EpochSampler, TrainConfig, TrainingError, train
+from medfusion.training.state_io import CheckpointError, load_state
+from medfusion.training.vae import VAETask
+
+BASE = TrainConfig(
+    max_steps=12,
+    batch_size=4,
+    gradient_accumulation_steps=2,
+    learning_rate=2e-3,
+    lr_schedule="cosine",
+    warmup_steps=3,
+    checkpoint_every=4,
+    keep_checkpoints=2,
+    log_every=2,
+    preview_every=0,
+    num_workers=0,
+    ema_decay=0.99,
+    seed=3,
+)
+# adversarial terms from step 2: two optimizers, the adaptive weight and the discriminator's state
+# are all part of what a resume has to restore.
+LOSS = VAELossConfig(
+    adversarial_weight=0.5,
+    adversarial_start=2,
+    discriminator_channels=4,
+    discriminator_layers=2,
+    discriminator_norm_groups=2,
+)
+
+
+class Stop(Exception):
+    pass
+
+
+def _task(seed: int = 0) -> VAETask:
+    torch.manual_seed(seed)
+    vae = tiny_vae(seed)
+    return VAETask(vae, VAELoss(LOSS, spatial_dims=2, in_channels=1))
+
+
+def _stop_at(step_to_stop: int):
+    def callback(step, scalars):
+        if step == step_to_stop:
+            raise Stop
+
+    return callback
+
+
+def _weights(result) -> dict[str, torch.Tensor]:
+    return {f"{m}.{k}": v.clone() for m, mod in result.models.items() for k, v in mod.state_dict().items()}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, retina_crops):
+    config = BASE.replace(max_steps=60, checkpoint_every=10, log_every=10, warmup_steps=10)
+    straight = train(_task(), retina_crops, tmp_path / "a", config, progress=False)
+    assert straight.step == 60
+
+    with pytest.raises(Stop):  # killed at step 35; the last checkpoint is step 30
+        train(_task(), retina_crops, tmp_path / "b", config, callback=_stop_at(35), progress=False)
+    assert [p.name for p in sorted((tmp_path / "b" / "checkpoints").iterdir())] == [
+        "step_000020",
+        "step_000030",
+    ]
+    # a fresh process rebuilds the model from scratch: its different initial weights must not matter
+    resumed = train(_task(seed=1), retina_crops, tmp_path / "b", config, resume=True, progress=False)
+    assert resumed.step == 60
+    _assert_same(_weights(straight), _weights(resumed))
+    # the final checkpoints agree too: EMA, optimizer moments, schedule
+    final_a = tmp_path / "a" / "checkpoints" / "step_000060"
+    final_b = tmp_path / "b" / "checkpoints" / "step_000060"
+    ema_a, ema_b = load_state(final_a / "ema"), load_state(final_b / "ema")
+    assert ema_a["optimization_step"] == ema_b["optimization_step"] == 60
+    for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for name in ("optimizer_vae", "optimizer_discriminator"):
+        opt_a, opt_b = load_state(final_a / name), load_state(final_b / name)
+        assert opt_a["state"].keys() == opt_b["state"].keys()
+        for key in opt_a["state"]:
+            torch.testing.assert_close(opt_a["state"][key]["exp_avg"], opt_b["state"][key]["exp_avg"])
+    assert load_state(final_a / "scheduler_vae") == load_state(final_b / "scheduler_vae")
+
+
+def test_resume_is_a_different_run_without_the_checkpoint_state(tmp_path, retina_crops):
+    """Control for the test above: restarting from scratch does not reproduce the weights."""
+    straight = train(_task(), retina_crops, tmp_path / "a", BASE, progress=False)
+    other = train(_task(seed=1), retina_crops, tmp_path / "b", BASE, progress=False)
+    diffs = [not torch.allclose(v, _weights(other)[k]) for k, v in _weights(straight).items()]
+    assert any(diffs)
+
+
+def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, retina_crops, capsys):
+    config = BASE.replace(keep_checkpoints=3)
+    straight = train(_task(), retina_crops, tmp_path / "a", config, progress=False)
+    with pytest.raises(Stop):
+        train(_task(), retina_crops, tmp_path / "b", config, callback=_stop_at(9), progress=False)
+    latest = tmp_path / "b" / "checkpoints" / "step_000008" / "model_vae.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated, as by a full disk
+    capsys.readouterr()
+    resumed = train(_task(), retina_crops, tmp_path / "b", config, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "step_000008" in err and "model_vae.safetensors" in err
+    assert "resumed from" in err and "step_000004" in err
+    _assert_same(_weights(straight), _weights(resumed))
+
+
+def test_all_checkpoints_corrupt_is_an_error(tmp_path, retina_crops):
+    config = BASE.replace(max_steps=4)
+    train(_task(), retina_crops, tmp_path, config, progress=False)
+    (tmp_path / "checkpoints" / "step_000004" / "checkpoint.json").unlink()
+    with pytest.raises(CheckpointError, match="step_000004"):
+        train(_task(), retina_crops, tmp_path, config, resume=True, progress=False)
+
+
+def test_existing_checkpoints_without_resume_are_not_overwritten(tmp_path, retina_crops):
+    config = BASE.replace(max_steps=4)
+    train(_task(), retina_crops, tmp_path, config, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_task(), retina_crops, tmp_path, config, progress=False)
+
+
+def test_nan_in_a_batch_stops_and_names_the_files(tmp_path):
+    bad = RetinaCrops(count=16, nan_at=5)
+    config = BASE.replace(max_steps=20, gradient_accumulation_steps=1, checkpoint_every=100)
+    with pytest.raises(TrainingError) as info:
+        train(_task(), bad, tmp_path, config, progress=False)
+    message = str(info.value)
+    assert "loss is nan" in message and "batch itself holds NaN" in message
+    assert "crop_005.png" in message
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_diverging_model_stops_with_advice(tmp_path, retina_crops):
+    config = BASE.replace(learning_rate=1e12, max_grad_norm=None, ema_decay=None, warmup_steps=0)
+    with pytest.raises(TrainingError, match="model diverged"):
+        train(_task(), retina_crops, tmp_path, config.replace(max_steps=50), progress=False)
+
+
+def test_logs_scalars_images_and_tensorboard(tmp_path, retina_crops):
+    config = BASE.replace(max_steps=4, preview_every=2)
+    result = train(_task(), retina_crops, tmp_path, config, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"vae/loss", "vae/pixel", "vae/kl", "images_per_second", "lr/vae", "preview/psnr"} <= set(
+        records[-1]
+    )
+    assert "discriminator/loss" in records[-1]  # on from step 2
+    assert records == result.history
+    assert sorted(p.name for p in (tmp_path / "logs" / "images").iterdir()) == [
+        "vae_step_0000002.png",
+        "vae_step_0000004.png",
+    ]
+    assert list((tmp_path / "logs" / "vae").glob("events.out.tfevents.*"))
+
+
+def test_dataset_smaller_than_a_batch(tmp_path):
+    with pytest.raises(TrainingError, match="fewer than one global batch"):
+        train(_task(), RetinaCrops(count=3), tmp_path, BASE, progress=False)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path, retina_crops):
+    config = BASE.replace(max_steps=3, mixed_precision="bf16", checkpoint_every=3)
+    result = train(_task(), retina_crops, tmp_path, config, progress=False)
+    assert result.step == 3
+    assert all(torch.isfinite(p).all() for p in result.models["vae"].parameters())
+    assert next(result.models["vae"].parameters()).dtype == torch.float32  # weights stay fp32
+
+
+def test_epoch_sampler_shards_disjointly_and_resumes_mid_epoch():
+    shards = [EpochSampler(22, batch_size=3, seed=1, rank=r, world_size=2) for r in range(2)]
+    for s in shards:
+        s.set_epoch(4)
+    batches = [list(s) for s in shards]
+    assert len(batches[0]) == len(batches[1]) == 3  # 22 // 6 global batches
+    flat = [i for rank in batches for b in rank for i in b]
+    assert len(flat) == len(set(flat)) == 18
+    skipped = EpochSampler(22, batch_size=3, seed=1, rank=1, world_size=2)
+    skipped.set_epoch(4, start=2)
+    assert list(skipped) == batches[1][2:]
+    other = EpochSampler(22, batch_size=3, seed=1)
+    other.set_epoch(5)
+    first = EpochSampler(22, batch_size=3, seed=1)
+    first.set_epoch(4)
+    assert list(other) != list(first)
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match=r"train\.mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match=r"train\.batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"train\.lr_schedule"):
+        TrainConfig(lr_schedule="exponential")
+    with pytest.raises(ValueError, match=r"train\.ema_decay"):
+        TrainConfig(ema_decay=1.0)

@@ -1,0 +1,164 @@
+"""`medfusion train-vae` end to end on tiny folders of real 2D crops and 3D volumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from nibabel.testing import data_path
+
+from medfusion.autoencoders.vae import VAE
+from medfusion.cli import main
+from medfusion.data import write_image
+from medfusion.data.image import MedicalImage
+
+TINY = [
+    "--set",
+    "model.block_out_channels=[4, 8]",
+    "--set",
+    "model.layers_per_block=1",
+    "--set",
+    "model.norm_num_groups=4",
+    "--set",
+    "train.num_workers=0",
+    "--set",
+    "train.warmup_steps=1",
+    "--set",
+    "train.checkpoint_every=2",
+    "--set",
+    "train.preview_every=2",
+    "--set",
+    "train.log_every=1",
+    "--batch-size",
+    "4",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def crops_2d(tmp_path_factory) -> Path:
+    """16x16 grey crops of two real images (fundus, histology), 10 per class, 8-bit PNG."""
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("crops2d")
+    rng = np.random.default_rng(0)
+    for name, image in (("fundus", data.retina()), ("histology", data.immunohistochemistry())):
+        grey = image.mean(axis=2).astype(np.uint8)
+        h, w = grey.shape
+        for i in range(10):
+            y, x = rng.integers(h // 4, 3 * h // 4 - 16), rng.integers(w // 4, 3 * w // 4 - 16)
+            write_image(root / name / f"{i}.png", grey[None, y : y + 16, x : x + 16])
+    return root
+
+
+@pytest.fixture(scope="module")
+def crops_3d(tmp_path_factory) -> Path:
+    """16^3 crops of two of nibabel's test volumes (a T1 anatomy and an EPI series)."""
+    root = tmp_path_factory.mktemp("crops3d")
+    rng = np.random.default_rng(0)
+    anat = np.asarray(nib.load(Path(data_path) / "anatomical.nii").dataobj, dtype=np.float32)
+    epi = np.asarray(nib.load(Path(data_path) / "example4d.nii.gz").dataobj, dtype=np.float32)[..., 0]
+    for name, volume in (("anatomical", anat), ("epi", epi)):
+        for i in range(6):
+            start = [rng.integers(0, s - 16 + 1) for s in volume.shape]
+            crop = volume[tuple(slice(s, s + 16) for s in start)]
+            image = MedicalImage.from_array(crop[None], spacing=(2.0, 2.0, 2.0))
+            write_image(root / name / f"{i}.nii.gz", image)
+    return root
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(crops_2d, tmp_path, capsys):
+    assert (
+        main(["train-vae", "--data", str(crops_2d), "--out", str(tmp_path / "run"), "--dry-run", *TINY]) == 0
+    )
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out.split("# data:")[0])
+    assert resolved["model"]["spatial_dims"] == 2 and resolved["model"]["in_channels"] == 1
+    assert resolved["model"]["block_out_channels"] == [4, 8]
+    assert "latents (4, 8, 8)" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_vae_2d_writes_model_checkpoints_logs_and_eval(crops_2d, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train-vae", "--data", str(crops_2d), "--out", str(run), "--max-steps", "4", *TINY]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_000002",
+        "step_000004",
+    ]
+    assert (run / "logs" / "metrics.jsonl").is_file() and list((run / "logs" / "images").glob("*.png"))
+    report = json.loads((run / "vae_eval.json").read_text())
+    assert report["count"] == 2  # 10% of each class of 10 held out
+    assert all(np.isfinite(report[k]) for k in ("psnr", "ssim", "ms_ssim", "scaling_factor"))
+    vae = VAE.from_pretrained(run / "vae")
+    assert vae.scaling_factor == pytest.approx(report["scaling_factor"])
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 4
+    assert not [p for p in (run / "vae").iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+
+    # --resume continues the same run from its own config (here: to a higher step count)
+    capsys.readouterr()
+    assert (
+        main(["train-vae", "--data", str(crops_2d), "--out", str(run), "--resume", "--max-steps", "6", *TINY])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "step_000004" in err
+    assert (run / "checkpoints" / "step_000006").is_dir()
+
+
+def test_train_vae_3d_volumes(crops_3d, tmp_path):
+    run = tmp_path / "run3d"
+    assert main(["train-vae", "--data", str(crops_3d), "--out", str(run), "--max-steps", "2", *TINY]) == 0
+    vae = VAE.from_pretrained(run / "vae")
+    assert vae.config.spatial_dims == 3
+    with torch.no_grad():
+        assert vae(torch.zeros(1, 1, 16, 16, 16)).reconstruction.shape == (1, 1, 16, 16, 16)
+    assert json.loads((run / "vae_eval.json").read_text())["count"] == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "train.max_steps"], "--set expects KEY=VALUE"),
+        (["--set", "train.nonsense=1"], "unknown key(s) ['nonsense']"),
+        (["--set", "model.spatial_dims=3"], "model.spatial_dims is 3 but the training data has 2"),
+        (["--set", "model.block_out_channels=[4, 8, 8, 8, 8, 8]"], "1 to 5 positive widths"),
+        (["--set", "data.crop=[12, 12]", "--set", "model.block_out_channels=[4, 8, 8, 8]"], "multiples of 8"),
+        (["--set", "train.batch_size=64"], "fewer than one global batch"),
+    ],
+)
+def test_bad_settings_are_clear_errors(crops_2d, tmp_path, capsys, extra, message):
+    args = [
+        "train-vae",
+        "--data",
+        str(crops_2d),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        *TINY,
+        *extra,
+    ]
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    assert main(["train-vae", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 1
+    assert "nope" in capsys.readouterr().err
+
+
+def test_config_file_is_read_strictly(crops_2d, tmp_path, capsys):
+    config = tmp_path / "vae.yaml"
+    config.write_text("model:\n  latent_channel: 8\n")
+    assert (
+        main(["train-vae", "--data", str(crops_2d), "--out", str(tmp_path / "run"), "--config", str(config)])
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert str(config) in err and "latent_channel" in err

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -192,6 +192,22 @@ class EpochSampler(Sampler[list[int]]):
             yield order[first : first + self.batch_size].tolist()
 
 
+def cpu_only() -> bool:
+    """True where training runs on CPUs (no accelerator, or ``ACCELERATE_USE_CPU``); Accelerate
+    then uses the gloo backend for several processes (``torchrun``/``accelerate launch --cpu``)."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    accelerator = getattr(torch, "accelerator", None)
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
+
+
+def process_state() -> PartialState:
+    """The process group of this run (one process, or one per GPU/CPU worker under a launcher)."""
+    return PartialState(cpu=cpu_only())
+
+
 def _step_seed(seed: int, rank: int, micro_step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0])
 
@@ -238,8 +254,11 @@ class _Logger:
         return path
 
     def close(self) -> None:
-        if self.tensorboard:
-            self.accelerator.end_training()
+        # not accelerator.end_training(): that also ends the process group, which the caller may
+        # still need (evaluation, saving, a barrier) after the loop.
+        if self.tensorboard and self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
 
 
 def _describe_batch(dataset: Dataset, batch: dict) -> str:
@@ -405,6 +424,7 @@ def train(
     """
     out_dir = Path(out_dir)
     accelerator = Accelerator(
+        cpu=cpu_only(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard" if _tensorboard_available() else None,

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -25,7 +24,7 @@ from medfusion.autoencoders.vae import VAE, VAEConfig
 from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import DatasetSubset, ImageFolderDataset, build_transform, split_indices
 from medfusion.metrics.reconstruction import ReconstructionMeter, psnr
-from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult, train
+from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult, process_state, train
 from medfusion.training.visualize import reconstruction_grid
 from medfusion.utils import atomic_dir, atomic_write_text
 
@@ -214,7 +213,7 @@ def train_vae(
         the training result, or None for a dry run.
     """
     out = Path(out)
-    state = PartialState()
+    state = process_state()
     datasets = build_vae_datasets(data, config, progress=progress and state.is_main_process)
     config = resolved_config(config, datasets.train)
     if state.is_main_process:

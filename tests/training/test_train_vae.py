@@ -162,3 +162,22 @@ def test_config_file_is_read_strictly(crops_2d, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert str(config) in err and "latent_channel" in err
+
+
+def test_two_processes_train_one_model(crops_2d, tmp_path):
+    """DDP on CPU (gloo) under torchrun: what `accelerate launch -m medfusion train-vae` does on GPUs."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "medfusion", "train-vae", "--data", str(crops_2d), "--out", str(run)]
+    command += ["--max-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*command, *TINY], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trainer = json.loads((run / "checkpoints" / "step_000002" / "trainer.json").read_text())
+    assert trainer["processes"] == 2
+    assert done.stdout.count("saved ") == 1  # the main process alone saves and evaluates
+    assert VAE.from_pretrained(run / "vae").config.in_channels == 1

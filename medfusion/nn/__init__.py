@@ -11,6 +11,7 @@ from medfusion.nn.layers import (
     check_spatial_dims,
     conv_nd,
     group_norm,
+    to_channels_last,
     zero_module,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "check_spatial_dims",
     "conv_nd",
     "group_norm",
+    "to_channels_last",
     "zero_module",
 ]

@@ -82,3 +82,16 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (N, C, *spatial*2)
         return self.conv(h) if self.conv is not None else h
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Store every 4D/5D parameter (convolution weights) channels-last, in place; returns ``module``.
+
+    ``module.to(memory_format=torch.channels_last)`` fails on 3D convolutions (5D weights need
+    ``channels_last_3d``); this handles both.
+    """
+    for parameter in module.parameters():
+        if parameter.ndim in (4, 5):
+            memory_format = torch.channels_last if parameter.ndim == 4 else torch.channels_last_3d
+            parameter.data = parameter.data.contiguous(memory_format=memory_format)
+    return module

@@ -137,3 +137,19 @@ def test_conv_pattern_catches_the_forbidden_spellings():
     ):
         assert CONV_PATTERN.search(line), line
     assert not CONV_PATTERN.search("conv_nd(2, 1, 2, 3)")
+
+
+def test_to_channels_last_handles_2d_and_3d_convolutions():
+    from medfusion.nn import to_channels_last
+
+    module = torch.nn.ModuleDict(
+        {"c2": conv_nd(2, 3, 4, 3), "c3": conv_nd(3, 3, 4, 3), "norm": torch.nn.GroupNorm(2, 4)}
+    )
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    parameters = list(module.parameters())
+    assert to_channels_last(module) is module
+    assert module["c2"].weight.is_contiguous(memory_format=torch.channels_last)
+    assert module["c3"].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not module["c2"].weight.is_contiguous()
+    assert all(a is b for a, b in zip(parameters, module.parameters()))  # same Parameter objects
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

@@ -76,15 +76,21 @@ def _merge(base: dict, changes: dict) -> dict:
     return merged
 
 
-def _train_vae(args: argparse.Namespace) -> int:
-    from medfusion.training.vae import VAERunConfig, train_vae
+def _run_config(cls, args: argparse.Namespace, saved: Path, defaults: dict | None = None):
+    """The run config: ``--config`` (or, with ``--resume``, the run's saved config), then the
+    command-line options and ``--set`` overrides; ``defaults`` fill sections the YAML leaves out."""
+    import yaml
 
     config_path = args.config
-    saved = args.out / "config.yaml"
     if config_path is None and args.resume and saved.is_file():
         config_path = saved
         print(f"# resuming with the run's own config {saved}")
-    config = VAERunConfig.load(config_path) if config_path is not None else VAERunConfig()
+    config = cls.load(config_path) if config_path is not None else cls()
+    base = config.to_dict()
+    if defaults:
+        given = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) if config_path else None
+        given = given if isinstance(given, dict) else {}
+        base |= {key: value for key, value in defaults.items() if key not in given}
     overrides: dict = {}
     for key, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size)):
         if value is not None:
@@ -95,13 +101,68 @@ def _train_vae(args: argparse.Namespace) -> int:
         overrides.setdefault("data", {})["labels"] = args.labels
     if args.skip_bad:
         overrides.setdefault("data", {})["skip_bad"] = True
-    if args.heldout is not None:
-        overrides["heldout"] = str(args.heldout)
     overrides = _merge(overrides, _parse_overrides(args.set))
-    if overrides:
-        config = VAERunConfig.from_dict(_merge(config.to_dict(), overrides), source="command line")
+    merged = _merge(base, overrides)
+    return cls.from_dict(merged, source="command line") if merged != config.to_dict() else config
+
+
+def _train_vae(args: argparse.Namespace) -> int:
+    from medfusion.training.vae import VAERunConfig, train_vae
+
+    if args.heldout is not None:
+        args.set = [f"heldout={args.heldout}", *args.set]
+    config = _run_config(VAERunConfig, args, args.out / "config.yaml")
     train_vae(args.data, args.out, config, resume=args.resume, dry_run=args.dry_run, progress=not args.quiet)
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from medfusion.training.diffusion import DIFFUSION_DIR, DiffusionRunConfig, train_diffusion
+
+    defaults = {}
+    vae_run_config = args.vae.parent / "config.yaml"
+    if vae_run_config.is_file():  # the VAE run's data settings (size, normalisation) by default
+        saved = yaml.safe_load(vae_run_config.read_text(encoding="utf-8")) or {}
+        if isinstance(saved, dict) and isinstance(saved.get("data"), dict):
+            defaults["data"] = saved["data"]
+            print(f"# data settings from the VAE run {vae_run_config} (a data: section in --config wins)")
+    if args.cache_latents:
+        args.set = ["cache_latents=true", *args.set]
+    config = _run_config(DiffusionRunConfig, args, args.out / DIFFUSION_DIR / "config.yaml", defaults)
+    train_diffusion(
+        args.data,
+        args.vae,
+        args.out,
+        config,
+        resume=args.resume,
+        dry_run=args.dry_run,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def _add_training_options(parser: argparse.ArgumentParser, sections: str) -> None:
+    parser.add_argument("--data", type=Path, required=True, metavar="DATA", help="training images/volumes")
+    parser.add_argument("--config", type=Path, metavar="YAML", help=f"config with sections {sections}")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest valid checkpoint in RUN"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    parser.add_argument("--labels", metavar="CSV", help="CSV with columns path,label ('none': unlabelled)")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out bad files with a warning")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
+    parser.add_argument("--batch-size", type=int, help="images per process and step (train.batch_size)")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="train.mixed_precision")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.learning_rate=2e-4 (repeatable)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,28 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
         "RUN/vae_eval.json (PSNR, SSIM, MS-SSIM on held-out images). Multi-GPU: "
         "accelerate launch -m medfusion train-vae ...",
     )
-    vae.add_argument("--data", type=Path, required=True, metavar="DATA", help="training images/volumes")
     vae.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
-    vae.add_argument(
-        "--config", type=Path, metavar="YAML", help="config with sections data, model, loss, train"
-    )
-    vae.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint in RUN")
-    vae.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
-    vae.add_argument("--labels", metavar="CSV", help="CSV with columns path,label ('none': unlabelled)")
-    vae.add_argument("--skip-bad", action="store_true", help="leave out bad files with a warning")
     vae.add_argument("--heldout", type=Path, metavar="DIR", help="held-out images for the evaluation")
-    vae.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
-    vae.add_argument("--batch-size", type=int, help="images per process and step (train.batch_size)")
-    vae.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="train.mixed_precision")
-    vae.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.latent_channels=8 (repeatable)",
-    )
-    vae.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_training_options(vae, "data, model, loss, train")
     vae.set_defaults(run=_train_vae)
+
+    diffusion = commands.add_parser(
+        "train",
+        help="train the class-conditional latent diffusion model",
+        description="Train a class-conditional diffusion U-Net on the latents of DATA under the trained "
+        "VAE. Writes RUN/diffusion (config.yaml, checkpoints, logs with TensorBoard, metrics.jsonl and "
+        "grids of class-conditional samples) and, at the end, the model folder RUN/model. Data settings "
+        "default to those of the VAE run. Multi-GPU: accelerate launch -m medfusion train ...",
+    )
+    diffusion.add_argument(
+        "--vae", type=Path, required=True, metavar="RUN/vae", help="the VAE folder written by train-vae"
+    )
+    diffusion.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
+    diffusion.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="encode the data once into RUN/diffusion/latents and train from there (no random crops/flips)",
+    )
+    _add_training_options(diffusion, "data, model, diffusion, train, preview")
+    diffusion.set_defaults(run=_train)
     return parser
 
 

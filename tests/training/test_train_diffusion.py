@@ -170,3 +170,24 @@ def test_bad_input_is_a_clear_error(crops_2d, tmp_path, capsys, vae_setup, extra
     assert _train(crops_2d, vae, tmp_path / "run", "--max-steps", "1", *extra) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_two_processes_share_one_latent_cache(crops_2d, tmp_path):
+    """DDP on CPU (gloo) under torchrun, as `accelerate launch -m medfusion train` on GPUs: the main
+    process builds the cache, the other waits for it, both train one model."""
+    import os
+    import subprocess
+    import sys
+
+    vae = _save_vae(tmp_path / "vae_run", 2)
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "medfusion", "train", "--data", str(crops_2d), "--vae", str(vae), "--out", str(run)]
+    command += [*TINY, "--max-steps", "2", "--cache-latents"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trainer = json.loads((run / "diffusion" / "checkpoints" / "step_000002" / "trainer.json").read_text())
+    assert trainer["processes"] == 2
+    assert done.stdout.count("saved the model folder") == 1
+    assert load_model_folder(run / "model").unet.num_classes == 2

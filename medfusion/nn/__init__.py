@@ -5,6 +5,7 @@ from medfusion.nn.embeddings import ClassEmbedding, TimestepEmbedding
 from medfusion.nn.layers import (
     SPATIAL_DIMS,
     Downsample,
+    GroupNorm,
     Upsample,
     append_dims,
     avg_pool_nd,
@@ -21,6 +22,7 @@ __all__ = [
     "AttentionBlock",
     "ClassEmbedding",
     "Downsample",
+    "GroupNorm",
     "ResBlock",
     "TimestepEmbedding",
     "Upsample",

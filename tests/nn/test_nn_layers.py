@@ -153,3 +153,24 @@ def test_to_channels_last_handles_2d_and_3d_convolutions():
     assert not module["c2"].weight.is_contiguous()
     assert all(a is b for a, b in zip(parameters, module.parameters()))  # same Parameter objects
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_group_norm_keeps_bf16_under_autocast_and_matches_float32():
+    from medfusion.nn import GroupNorm
+
+    torch.manual_seed(0)
+    norm = group_norm(16, 4)
+    assert isinstance(norm, GroupNorm) and isinstance(norm, nn.GroupNorm)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 16, 4, 4, 4) * 3 + 1
+    reference = nn.functional.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    assert torch.equal(norm(x), reference)  # float32 without autocast: plain GroupNorm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = norm(x.bfloat16())
+        assert norm(x).dtype == torch.float32  # a float32 input is normalised in float32
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), reference, atol=0.05, rtol=0.02)
+    low.float().sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32

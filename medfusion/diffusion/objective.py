@@ -125,36 +125,46 @@ def betas_from_scheduler_config(scheduler_config: dict) -> torch.Tensor:
 
 
 class NoiseSchedule:
-    """``alpha_bar`` of a scheduler config in float64, and the quantities derived from it."""
+    """``alpha_bar`` of a scheduler config in float64, and the quantities derived from it.
+
+    The tables are computed once; each is copied to a device once, on first use there, so a
+    training step does no host-to-device copy.
+    """
 
     def __init__(self, scheduler_config: dict):
         self.scheduler_config = dict(scheduler_config)
         betas = betas_from_scheduler_config(scheduler_config)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # (T,) float64
         self.num_train_timesteps = len(betas)
+        self._tables = {
+            "alpha_bar": self.alphas_cumprod,
+            "sqrt_alpha_bar": self.alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alpha_bar": (1.0 - self.alphas_cumprod).sqrt(),
+        }
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
-    def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        picked = values.to(t.device)[t.long()]  # float64, (N,)
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._on_device:
+            self._on_device[key] = self._tables[name].to(device)
+        return self._on_device[key]
+
+    def _at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        picked = self._table(name, t.device)[t.long()]  # float64, (N,)
         return append_dims(picked.to(like.dtype), like.ndim)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio ``alpha_bar / (1 - alpha_bar)`` at ``t``: (N,) float64."""
-        a = self.alphas_cumprod.to(t.device)[t.long()]
+        a = self._table("alpha_bar", t.device)[t.long()]
         return a / (1.0 - a)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise``; shapes (N, C, *spatial)."""
-        return (
-            self._at(self.alphas_cumprod.sqrt(), t, x0) * x0
-            + self._at((1.0 - self.alphas_cumprod).sqrt(), t, x0) * noise
-        )
+        return self._at("sqrt_alpha_bar", t, x0) * x0 + self._at("sqrt_one_minus_alpha_bar", t, x0) * noise
 
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0``."""
-        return (
-            self._at(self.alphas_cumprod.sqrt(), t, x0) * noise
-            - self._at((1.0 - self.alphas_cumprod).sqrt(), t, x0) * x0
-        )
+        return self._at("sqrt_alpha_bar", t, x0) * noise - self._at("sqrt_one_minus_alpha_bar", t, x0) * x0
 
 
 class DiffusionObjective:

@@ -204,7 +204,7 @@ def model_info(dataset: ImageFolderDataset, config: DiffusionRunConfig, vae: VAE
     spacing = data.spacing if data.spacing is not None else dataset.info.spacing
     return ModelInfo(
         spatial_dims=dataset.spatial_dims,
-        image_size=tuple(dataset[0]["image"].shape[1:]),
+        image_size=tuple(s * vae.downsampling_factor for s in latent_shape[1:]),
         channels=dataset.channels,
         latent_shape=tuple(latent_shape),
         class_names=tuple(dataset.class_names) if config.model.num_classes is not None else (),

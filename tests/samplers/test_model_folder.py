@@ -38,20 +38,6 @@ SPACING = {2: (0.5, 0.25), 3: (0.5, 0.25, 2.0)}
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors are tiny: extra intra-op threads only cost time (much of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def perturb(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
     """Small noise on every parameter (zero-initialised layers would hide mix-ups otherwise)."""
     with torch.no_grad():

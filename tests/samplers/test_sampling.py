@@ -30,20 +30,6 @@ LATENT_SPATIAL = {2: (8, 4), 3: (4, 8, 4)}
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors are tiny: extra intra-op threads only cost time (much of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(spatial_dims: int, num_classes: int | None = NUM_CLASSES) -> UNet:
     """A tiny conditional UNet with small random weights everywhere (conv_out starts at zero)."""
     model = UNet(spatial_dims=spatial_dims, in_channels=4, num_classes=num_classes, **TINY)

@@ -143,6 +143,48 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from medfusion.samplers.schedulers import SamplerConfig
+    from medfusion.samplers.synthetic import write_synthetic_dataset
+
+    try:
+        sampler = SamplerConfig(
+            name=args.sampler,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            guidance_rescale=args.guidance_rescale,
+            eta=args.eta,
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"sampler settings (--sampler, --steps, --guidance, --guidance-rescale, --eta): {e}"
+        ) from e
+    result = write_synthetic_dataset(
+        args.model,
+        args.out,
+        n=args.n,
+        class_labels=args.class_label,
+        sampler=sampler,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        slab=args.decode_slab,
+        progress=not args.quiet,
+        dry_run=args.dry_run,
+    )
+    if not args.dry_run and result.written + result.kept:
+        from medfusion.utils import process_state
+
+        if process_state().is_main_process:
+            rate = result.written / result.seconds if result.seconds > 0 else 0.0
+            print(
+                f"wrote {result.written} new sample(s) ({result.kept} kept from before) in "
+                f"{result.seconds:.1f} s ({rate:.2f} images/s); {result.total} in {result.path}"
+            )
+    return 0
+
+
 def _add_training_options(parser: argparse.ArgumentParser, sections: str) -> None:
     parser.add_argument("--data", type=Path, required=True, metavar="DATA", help="training images/volumes")
     parser.add_argument("--config", type=Path, metavar="YAML", help=f"config with sections {sections}")
@@ -240,6 +282,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training_options(diffusion, "data, model, diffusion, train, preview")
     diffusion.set_defaults(run=_train)
+
+    from medfusion.samplers.schedulers import DEFAULT_STEPS, SAMPLERS
+
+    sample = commands.add_parser(
+        "sample",
+        help="write a synthetic dataset from a trained model folder",
+        description="Sample N images/volumes per class from MODEL into DIR: DIR/<class>/<index>.png (or "
+        ".nii.gz for volumes, with the training data's spacing), DIR/manifest.csv and DIR/dataset_card.json. "
+        "Sample i has seed SEED+i. Re-running into DIR resumes (complete files are kept). Several GPUs: "
+        "accelerate launch -m medfusion sample ... (same files as one process).",
+    )
+    sample.add_argument(
+        "model", type=Path, metavar="MODEL", help="model folder (RUN/model from medfusion train)"
+    )
+    sample.add_argument("--n", type=int, required=True, help="samples per class")
+    sample.add_argument("--out", type=Path, required=True, metavar="DIR", help="synthetic dataset folder")
+    sample.add_argument(
+        "--class-label",
+        action="append",
+        metavar="NAME",
+        help="class to sample (repeatable); 'all' (default) or 'none' (unconditional)",
+    )
+    sample.add_argument(
+        "--sampler",
+        default="dpmpp-2m",
+        metavar="NAME",
+        help=f"one of {', '.join(SAMPLERS)} (default dpmpp-2m)",
+    )
+    steps_help = ", ".join(f"{name} {steps}" for name, steps in DEFAULT_STEPS.items())
+    sample.add_argument("--steps", type=int, help=f"denoising steps (default per sampler: {steps_help})")
+    sample.add_argument(
+        "--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: none; default 3)"
+    )
+    sample.add_argument(
+        "--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] (default 0: off)"
+    )
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight (ddim only; default 0)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of sample 0 (sample i: SEED+i)")
+    sample.add_argument(
+        "--batch-size", type=int, default=16, help="samples per batch and process (default 16)"
+    )
+    sample.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network precision")
+    sample.add_argument("--device", help="e.g. cpu, cuda:1 (default: this process's GPU, else CPU)")
+    sample.add_argument(
+        "--decode-slab", type=int, metavar="PLANES", help="decode volumes PLANES latent slices at a time"
+    )
+    sample.add_argument(
+        "--dry-run", action="store_true", help="check everything, print the plan, write nothing"
+    )
+    sample.add_argument("--quiet", action="store_true", help="no progress bar")
+    sample.set_defaults(run=_sample)
     return parser
 
 

@@ -85,3 +85,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def cpu_only() -> bool:
+    """True where work runs on CPUs (no accelerator, or ``ACCELERATE_USE_CPU``); Accelerate
+    then uses the gloo backend for several processes (``torchrun``/``accelerate launch --cpu``)."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    accelerator = getattr(torch, "accelerator", None)
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
+
+
+def process_state():
+    """The process group of this run (one process, or one per GPU/CPU worker under a launcher),
+    an ``accelerate.PartialState``."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu_only())

@@ -7,6 +7,7 @@ name only once complete, so an interrupted run never leaves a half-written file.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,69 @@ def _write_sitk(tmp: Path, image: MedicalImage, array: np.ndarray) -> None:
     import SimpleITK as sitk
 
     sitk.WriteImage(_to_sitk(image, array), str(tmp), useCompression=True)
+
+
+@dataclass(frozen=True)
+class IntensityMapping:
+    """How generated values in [-1, 1] become stored values: ``low + (x + 1) / 2 * (high - low)``
+    in ``dtype`` (rounded for integer types). ``physical`` says whether the stored values are in
+    the training data's own units (an exact inverse of its normalisation) or a relative scale."""
+
+    dtype: str
+    low: float
+    high: float
+    physical: bool
+
+    def __call__(self, array) -> np.ndarray:
+        x = np.clip(np.asarray(array, dtype=np.float64), -1.0, 1.0)
+        values = self.low + (x + 1.0) * ((self.high - self.low) / 2.0)
+        dtype = np.dtype(self.dtype)
+        return np.rint(values).astype(dtype) if np.issubdtype(dtype, np.integer) else values.astype(dtype)
+
+    def describe(self) -> str:
+        scale = "the training data's units" if self.physical else "a relative scale"
+        return f"[-1, 1] -> [{self.low:g}, {self.high:g}] as {self.dtype} ({scale})"
+
+
+def intensity_mapping(
+    suffix: str, source_dtype: str = "uint8", normalization: dict | None = None
+) -> IntensityMapping:
+    """How to store generated images in a ``suffix`` file like training data of ``source_dtype``.
+
+    PNG and TIFF get 8-bit values for 1-byte training data and 16-bit otherwise, over the full
+    range. Volumes (NIfTI, MHA, NRRD) get the training data's own units back when its intensity
+    normalisation can be inverted (``window``: e.g. CT Hounsfield units; ``dtype``: the stored
+    type's range) and otherwise the same unsigned 8/16-bit scale as images.
+
+    Args:
+        suffix: the file format, e.g. ``.png`` or ``.nii.gz``.
+        source_dtype: numpy dtype name of the training files.
+        normalization: the model's normalisation record (``normalization`` mode, ``window``).
+    """
+    from medfusion.data.transforms import CT_WINDOW
+
+    try:
+        source = np.dtype(source_dtype)
+    except TypeError as e:
+        raise ValueError(f"source_dtype {source_dtype!r} is not a numpy dtype") from e
+    if suffix not in WRITABLE_SUFFIXES:
+        raise ValueError(f"cannot write suffix {suffix!r}; choose one of {', '.join(WRITABLE_SUFFIXES)}")
+    bits = 8 if source.itemsize == 1 else 16
+    mode = (normalization or {}).get("normalization", "auto")
+    if mode == "auto" and source == np.uint8:
+        mode = "dtype"  # what 'auto' picks for 8-bit data
+    # the full unsigned range is the exact inverse of 'dtype' normalisation of unsigned data
+    unsigned_range = IntensityMapping(
+        f"uint{bits}", 0.0, float(2**bits - 1), physical=mode == "dtype" and source == np.dtype(f"uint{bits}")
+    )
+    if suffix not in VOLUME_SUFFIXES:
+        return unsigned_range
+    if mode == "window":
+        low, high = (normalization or {}).get("window") or CT_WINDOW
+        integer = (
+            np.issubdtype(source, np.integer) and np.iinfo(source).min <= low and high <= np.iinfo(source).max
+        )
+        return IntensityMapping(source.name if integer else "float32", float(low), float(high), physical=True)
+    if mode == "dtype" and np.issubdtype(source, np.integer):
+        return IntensityMapping(source.name, float(np.iinfo(source).min), float(np.iinfo(source).max), True)
+    return unsigned_range

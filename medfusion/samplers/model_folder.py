@@ -14,6 +14,7 @@ Loading executes no code from the folder: JSON configs and safetensors weights o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import DDPMScheduler
+from torch import nn
 
 from medfusion import __version__
 from medfusion.autoencoders.vae import VAE
@@ -148,6 +150,28 @@ def _check_parts(unet: UNet, vae: VAE, info: ModelInfo, where: Path) -> None:
             f"{INFO_FILE} says {info.spatial_dims}D with {info.channels} channel(s), the VAE is "
             f"{vae.config.spatial_dims}D with {vae.config.in_channels}"
         )
+    factor = vae.downsampling_factor
+    latent = tuple(info.latent_shape)
+    if len(latent) != vae.config.spatial_dims + 1 or len(info.image_size) != vae.config.spatial_dims:
+        problems.append(
+            f"{INFO_FILE} gives latent_shape {list(latent)} and image_size {list(info.image_size)}; a "
+            f"{vae.config.spatial_dims}D model needs (C, *spatial) and {vae.config.spatial_dims} sizes"
+        )
+    else:
+        if latent[0] != vae.config.latent_channels:
+            problems.append(
+                f"{INFO_FILE} gives {latent[0]} latent channel(s), the VAE makes {vae.config.latent_channels}"
+            )
+        if tuple(s * factor for s in latent[1:]) != tuple(info.image_size):
+            problems.append(
+                f"{INFO_FILE}: latents {list(latent[1:])} decode to {[s * factor for s in latent[1:]]} with "
+                f"this VAE, not the image_size {list(info.image_size)}"
+            )
+        if any(s % unet.downsampling_factor for s in latent[1:]):
+            problems.append(
+                f"{INFO_FILE}: latent sides {list(latent[1:])} are not multiples of the U-Net's "
+                f"downsampling factor {unet.downsampling_factor}"
+            )
     classes = len(info.class_names) or None
     if unet.config.num_classes != classes:
         problems.append(
@@ -155,6 +179,20 @@ def _check_parts(unet: UNet, vae: VAE, info: ModelInfo, where: Path) -> None:
         )
     if problems:
         raise ModelFolderError(f"{where}: the parts do not fit together: " + "; ".join(problems))
+
+
+def model_hash(path: str | Path) -> str:
+    """SHA-256 over every file of a model folder (relative names and contents, in sorted order):
+    the identity of a model in the dataset cards of its samples."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def load_model_folder(
@@ -202,6 +240,6 @@ def load_model_folder(
     unet.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     if device is not None or dtype is not None:
-        unet.to(device=device, dtype=dtype)
-        vae.to(device=device, dtype=dtype)
+        nn.Module.to(unet, device=device, dtype=dtype)  # ModelMixin.to warns on every dtype cast
+        nn.Module.to(vae, device=device, dtype=dtype)
     return ModelFolder(unet, vae, scheduler, info, path)

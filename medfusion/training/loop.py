@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -39,6 +39,7 @@ from medfusion.config import Config
 from medfusion.nn.layers import to_channels_last
 from medfusion.training.checkpoint import CheckpointManager
 from medfusion.training.state_io import CheckpointError, load_state, rng_state, save_state, set_rng_state
+from medfusion.utils import cpu_only, process_state  # noqa: F401 (process_state: imported from here)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -202,22 +203,6 @@ class EpochSampler(Sampler[list[int]]):
         for b in range(self.start, len(self)):
             first = b * global_batch + self.rank * self.batch_size
             yield order[first : first + self.batch_size].tolist()
-
-
-def cpu_only() -> bool:
-    """True where training runs on CPUs (no accelerator, or ``ACCELERATE_USE_CPU``); Accelerate
-    then uses the gloo backend for several processes (``torchrun``/``accelerate launch --cpu``)."""
-    from accelerate.utils import parse_flag_from_env
-
-    if parse_flag_from_env("ACCELERATE_USE_CPU"):
-        return True
-    accelerator = getattr(torch, "accelerator", None)
-    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
-
-
-def process_state() -> PartialState:
-    """The process group of this run (one process, or one per GPU/CPU worker under a launcher)."""
-    return PartialState(cpu=cpu_only())
 
 
 def _step_seed(seed: int, rank: int, micro_step: int) -> int:

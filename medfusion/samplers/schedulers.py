@@ -1,0 +1,203 @@
+"""Samplers by name: adapters over diffusers schedulers, all built from the model's noise schedule.
+
+Every sampler is a diffusers scheduler made from the training schedule saved in the model folder
+(``scheduler/scheduler_config.json``), so it works on 2D and 3D latents alike and is driven by one
+loop, :func:`medfusion.samplers.sample_latents`:
+
+=========== ========================================================== ===================
+name        what it is                                                  model calls/step
+=========== ========================================================== ===================
+ddpm        ancestral DDPM (Ho et al. 2020) on a strided chain          1
+ddim        DDIM (Song et al. 2021); ``eta`` 0 = deterministic, 1 ≈ DDPM 1
+dpmpp-2m    DPM-Solver++ 2M, multistep (Lu et al. 2022)                 1
+euler       Euler's method on the probability-flow ODE (Karras 2022)    1
+heun        Heun's 2nd-order method (Karras et al. 2022)                2 (1 on the last)
+unipc       UniPC multistep, bh2 (Zhao et al. 2023)                     1
+=========== ========================================================== ===================
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from medfusion.config import Config
+
+
+class DDIMSampler(DDIMScheduler):
+    """diffusers' DDIM with the true previous timestep in every step, and ``eta`` as an attribute.
+
+    diffusers' ``DDIMScheduler.step`` takes ``t - T // steps`` as the previous timestep. With the
+    ``trailing`` spacing of our schedules and a step count that does not divide ``T`` (150 steps
+    of 1000: gaps of 6 and 7) that is not the next timestep the loop runs, so every other step
+    lands on the wrong noise level. This step uses the next entry of ``self.timesteps``.
+
+    ``eta`` (0: deterministic DDIM, 1: DDPM-like noise) is a setting of the sampler, not of the
+    noise schedule, so it is an attribute set by :func:`make_scheduler` and kept out of the config.
+    """
+
+    eta: float = 0.0
+
+    def _previous(self, timestep: torch.Tensor | int) -> int:
+        index = int((self.timesteps == int(timestep)).nonzero()[0, 0])
+        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor | int,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple:
+        """One DDIM update, eqs. (12) and (16) of Song et al. 2021.
+
+        ======================== ==================
+        code                     paper
+        ======================== ==================
+        ``sample``               x_t
+        ``alpha_t, alpha_prev``  α_t, α_{t-1} (cumulative products)
+        ``x0``                   f_θ(x_t, t), the predicted x_0
+        ``eps``                  ε_θ(x_t, t)
+        ``sigma``                σ_t(η)
+        ======================== ==================
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+        t, t_prev = int(timestep), self._previous(timestep)
+        alpha_t = float(self.alphas_cumprod[t])
+        alpha_prev = float(self.alphas_cumprod[t_prev]) if t_prev >= 0 else float(self.final_alpha_cumprod)
+        prediction_type = self.config.prediction_type
+        if prediction_type == "epsilon":
+            eps = model_output
+            x0 = (sample - math.sqrt(1 - alpha_t) * eps) / math.sqrt(alpha_t)
+        elif prediction_type == "v_prediction":
+            x0 = math.sqrt(alpha_t) * sample - math.sqrt(1 - alpha_t) * model_output
+            eps = math.sqrt(alpha_t) * model_output + math.sqrt(1 - alpha_t) * sample
+        elif prediction_type == "sample":
+            x0 = model_output
+            eps = (sample - math.sqrt(alpha_t) * x0) / math.sqrt(1 - alpha_t)
+        else:
+            raise ValueError(
+                f"prediction_type must be epsilon, v_prediction or sample; got {prediction_type!r}"
+            )
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        eta = float(self.eta)
+        variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+        sigma = eta * math.sqrt(max(variance, 0.0))
+        prev_sample = math.sqrt(alpha_prev) * x0 + math.sqrt(max(1 - alpha_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=sample.device, dtype=sample.dtype
+            )
+            prev_sample = prev_sample + sigma * noise
+        if not return_dict:
+            return prev_sample, x0
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+# name -> (scheduler class, settings over the model's schedule)
+SAMPLERS: dict[str, tuple[type, dict]] = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMSampler, {}),
+    "dpmpp-2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {"solver_order": 2, "solver_type": "bh2"}),
+}
+ALIASES = {
+    "dpm-solver++": "dpmpp-2m",
+    "dpmsolver++": "dpmpp-2m",
+    "dpm++2m": "dpmpp-2m",
+    "dpmpp2m": "dpmpp-2m",
+}
+# a sensible step count per sampler when none is given
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpmpp-2m": 25, "euler": 50, "heun": 25, "unipc": 20}
+
+
+def sampler_name(name: str) -> str:
+    """The canonical sampler name for ``name`` (case and aliases allowed)."""
+    key = str(name).strip().lower().replace("_", "-")
+    key = ALIASES.get(key, key)
+    if key not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return key
+
+
+def make_scheduler(name: str, schedule: dict, eta: float = 0.0) -> object:
+    """A fresh diffusers scheduler for sampler ``name`` on the noise schedule ``schedule``.
+
+    Args:
+        name: one of :data:`SAMPLERS` (or an alias such as ``dpm-solver++``).
+        schedule: the model's scheduler config (betas, prediction type, timestep spacing ...).
+        eta: DDIM's noise weight; only the ``ddim`` sampler takes it.
+    Returns:
+        the scheduler (it keeps state while sampling: make one per sampling run).
+    """
+    name = sampler_name(name)
+    if eta and name != "ddim":
+        raise ValueError(f"eta applies to the ddim sampler only; got eta={eta} with {name}")
+    cls, settings = SAMPLERS[name]
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be >= 0; got {eta}")
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    config = {k: v for k, v in dict(schedule).items() if k in accepted}  # no warnings for the rest
+    scheduler = cls.from_config({**config, **settings})
+    if isinstance(scheduler, DDIMSampler):
+        scheduler.eta = float(eta)
+    return scheduler
+
+
+@dataclass(frozen=True)
+class SamplerConfig(Config):
+    """How to sample: everything besides the model, class label and seed that decides a sample.
+
+    Attributes:
+        name: sampler, one of ``ddpm``, ``ddim``, ``dpmpp-2m``, ``euler``, ``heun``, ``unipc``.
+        steps: denoising steps (>= 1); None picks the sampler's default (:data:`DEFAULT_STEPS`).
+        guidance_scale: classifier-free guidance weight ``w`` (1 = plain conditional model,
+            0 = unconditional).
+        guidance_rescale: φ of Lin et al. 2023 in [0, 1]: pull the guided prediction's standard
+            deviation back to the conditional one's (0 = off).
+        eta: DDIM's noise weight (``ddim`` only).
+    """
+
+    name: str = "dpmpp-2m"
+    steps: int | None = None
+    guidance_scale: float = 3.0
+    guidance_rescale: float = 0.0
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        name = sampler_name(self.name)
+        object.__setattr__(self, "name", name)
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[name])
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a number >= 0; got {self.guidance_scale}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1]; got {self.guidance_rescale}")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be >= 0; got {self.eta}")
+        if self.eta and name != "ddim":
+            raise ValueError(f"eta applies to the ddim sampler only; got eta={self.eta} with {name}")
+
+    def scheduler(self, schedule: dict) -> object:
+        """A fresh scheduler for these settings on the model's noise ``schedule``."""
+        return make_scheduler(self.name, schedule, eta=self.eta)

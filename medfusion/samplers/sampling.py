@@ -91,8 +91,8 @@ def sample_latents(
     Returns:
         the final latents (N, C, *spatial), float32, on the U-Net's device.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale must be in [0, 1]; got {guidance_rescale}")
     parameter = next(unet.parameters())

@@ -60,7 +60,10 @@ class DDIMSampler(DDIMScheduler):
         model_output: torch.Tensor,
         timestep: torch.Tensor | int,
         sample: torch.Tensor,
+        eta: float | None = None,
+        use_clipped_model_output: bool = False,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple:
         """One DDIM update, eqs. (12) and (16) of Song et al. 2021.
@@ -74,6 +77,8 @@ class DDIMSampler(DDIMScheduler):
         ``eps``                  ε_θ(x_t, t)
         ``sigma``                σ_t(η)
         ======================== ==================
+
+        The arguments are those of ``DDIMScheduler.step``; ``eta=None`` takes ``self.eta``.
         """
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
@@ -94,17 +99,24 @@ class DDIMSampler(DDIMScheduler):
             raise ValueError(
                 f"prediction_type must be epsilon, v_prediction or sample; got {prediction_type!r}"
             )
-        if self.config.clip_sample:
+        if self.config.thresholding:
+            x0 = self._threshold_sample(x0)
+        elif self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        eta = float(self.eta)
+        if use_clipped_model_output:
+            eps = (sample - math.sqrt(alpha_t) * x0) / math.sqrt(1 - alpha_t)
+        eta = float(self.eta if eta is None else eta)
         variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
         sigma = eta * math.sqrt(max(variance, 0.0))
         prev_sample = math.sqrt(alpha_prev) * x0 + math.sqrt(max(1 - alpha_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
-            noise = randn_tensor(
-                model_output.shape, generator=generator, device=sample.device, dtype=sample.dtype
-            )
-            prev_sample = prev_sample + sigma * noise
+            if variance_noise is not None and generator is not None:
+                raise ValueError("give either generator or variance_noise, not both")
+            if variance_noise is None:
+                variance_noise = randn_tensor(
+                    model_output.shape, generator=generator, device=sample.device, dtype=sample.dtype
+                )
+            prev_sample = prev_sample + sigma * variance_noise
         if not return_dict:
             return prev_sample, x0
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -189,7 +201,9 @@ class SamplerConfig(Config):
             object.__setattr__(self, "steps", DEFAULT_STEPS[name])
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+        if isinstance(self.guidance_scale, bool) or not (
+            math.isfinite(self.guidance_scale) and self.guidance_scale >= 0
+        ):
             raise ValueError(f"guidance_scale must be a number >= 0; got {self.guidance_scale}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1]; got {self.guidance_rescale}")

@@ -307,3 +307,69 @@ def test_write_overwrites_existing_file(tmp_path):
     assert image.channels == 3
     assert int(image.array.min()) == 9
     assert _entries(tmp_path) == ["x.png"]
+
+
+# storing generated images like the training data: intensity_mapping
+
+
+def _normalized(array: np.ndarray, **kwargs) -> np.ndarray:
+    """What the training pipeline feeds the model: NormalizeIntensity's output as a numpy array."""
+    from medfusion.data.transforms import NormalizeIntensity
+
+    image = MedicalImage.from_array(array)
+    return NormalizeIntensity(**kwargs)(image, np.random.default_rng(0)).array.numpy()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_intensity_mapping_inverts_dtype_normalisation_exactly(rng, dtype):
+    """'dtype' (and 'auto' for 8-bit) normalised training values come back bit for bit."""
+    original = random_array(rng, (1, 6, 5), np.dtype(dtype))
+    mode = "auto" if dtype == "uint8" else "dtype"
+    mapping = writers.intensity_mapping(".png", dtype, {"normalization": mode})
+    assert mapping.physical and mapping.dtype == dtype
+    back = mapping(_normalized(original, mode=mode))
+    assert back.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(back, original)
+
+
+def test_intensity_mapping_returns_ct_volumes_in_hounsfield_units(rng):
+    hu = rng.integers(-1000, 1001, size=(1, 4, 5, 6)).astype(np.int16)
+    normalization = {"normalization": "window", "window": [-1000, 1000]}
+    mapping = writers.intensity_mapping(".nii.gz", "int16", normalization)
+    assert mapping.physical and mapping.dtype == "int16"
+    back = mapping(_normalized(hu, mode="window", window=(-1000.0, 1000.0)))
+    np.testing.assert_array_equal(back, hu)
+    assert "training data's units" in mapping.describe()
+
+
+def test_intensity_mapping_window_outside_the_integer_range_gives_floats():
+    mapping = writers.intensity_mapping(".nii.gz", "uint8", {"normalization": "window", "window": [-50, 300]})
+    assert mapping.dtype == "float32"
+    np.testing.assert_allclose(mapping(np.array([-1.0, 0.0, 1.0])), [-50.0, 125.0, 300.0])
+
+
+@pytest.mark.parametrize(
+    ("suffix", "source", "normalization", "dtype", "physical"),
+    [
+        (".png", "uint16", {"normalization": "percentile"}, "uint16", False),
+        (".png", "int16", {"normalization": "window"}, "uint16", False),  # PNG holds no negative HU
+        (".png", "uint8", {"normalization": "percentile"}, "uint8", False),
+        (".tif", "float32", {"normalization": "minmax"}, "uint16", False),
+        (".nii.gz", "int16", {"normalization": "percentile"}, "uint16", False),  # MR: per-image scale
+        (".nii.gz", "int16", {"normalization": "dtype"}, "int16", True),
+        (".nii.gz", "uint8", {"normalization": "auto"}, "uint8", True),
+    ],
+)
+def test_intensity_mapping_choices(suffix, source, normalization, dtype, physical):
+    mapping = writers.intensity_mapping(suffix, source, normalization)
+    assert (mapping.dtype, mapping.physical) == (dtype, physical)
+    values = mapping(np.array([-2.0, -1.0, 1.0, 3.0]))  # outside [-1, 1] is clipped
+    assert values.dtype == np.dtype(dtype)
+    assert values[0] == values[1] == mapping.low and values[2] == values[3] == mapping.high
+
+
+def test_intensity_mapping_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"cannot write suffix '\.jpg'"):
+        writers.intensity_mapping(".jpg", "uint8")
+    with pytest.raises(ValueError, match="source_dtype 'pixels' is not a numpy dtype"):
+        writers.intensity_mapping(".png", "pixels")

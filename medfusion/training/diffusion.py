@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -24,6 +23,7 @@ from medfusion.diffusion.objective import DiffusionConfig, DiffusionObjective
 from medfusion.diffusion.unet import UNet, UNetConfig
 from medfusion.samplers.model_folder import ModelInfo, save_model_folder
 from medfusion.samplers.sampling import sample_latents
+from medfusion.samplers.schedulers import make_scheduler
 from medfusion.training.latents import LatentDataset, build_latent_cache, cache_fingerprint
 from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult, process_state, train
 from medfusion.utils import atomic_write_text
@@ -115,7 +115,7 @@ class DiffusionTask(TrainingTask):
     @torch.no_grad()
     def preview(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         labels = batch["label"]
-        scheduler = DDIMScheduler.from_config(self.objective.schedule.scheduler_config)
+        scheduler = make_scheduler("ddim", self.objective.schedule.scheduler_config)
         generator = torch.Generator().manual_seed(self.preview_config.seed)
         with self.accelerator.autocast():
             z = sample_latents(

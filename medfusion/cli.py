@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "model", type=Path, metavar="MODEL", help="model folder (RUN/model from medfusion train)"
     )
-    sample.add_argument("--n", type=int, required=True, help="samples per class")
+    sample.add_argument("--n", "--num-samples", dest="n", type=int, required=True, help="samples per class")
     sample.add_argument("--out", type=Path, required=True, metavar="DIR", help="synthetic dataset folder")
     sample.add_argument(
         "--class-label",
@@ -343,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+    except (DataError, ValueError, OSError, RuntimeError) as e:
         print(f"medfusion: error: {e}", file=sys.stderr)
         return 1
 

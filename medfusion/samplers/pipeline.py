@@ -178,19 +178,22 @@ class MedfusionPipeline:
         )
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, slab: int | None = None, overlap: int = 2) -> torch.Tensor:
+    def decode(
+        self, latents: torch.Tensor, slab: int | None = None, overlap: int | None = None
+    ) -> torch.Tensor:
         """Images (N, C, *image_size) in [-1, 1], float32 on the CPU, from diffusion latents.
 
         Args:
             latents: (N, *latent_shape) scaled latents, as the sampler returns them.
             slab: decode ``slab`` latent planes along the first spatial axis at a time (bounds
                 memory for large volumes; see :func:`decode_in_slabs`); None: all at once.
-            overlap: planes shared by neighbouring slabs.
+            overlap: planes shared by neighbouring slabs (default: 2, at most ``slab - 1``).
         """
         z = latents.to(device=self.device, dtype=self.dtype)
         if slab is None:
             images = self.vae.decode_latents(z).float()
         else:
+            overlap = min(2, slab - 1) if overlap is None else overlap
             images = decode_in_slabs(self.vae.decode_latents, z, self.vae.downsampling_factor, slab, overlap)
         return images.clamp(-1, 1).cpu()
 

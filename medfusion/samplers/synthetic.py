@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,12 +55,15 @@ class SampleSettings(Config):
         seed: sample ``i`` has seed ``seed + i``.
         sampler: sampler, steps, guidance.
         precision: ``fp32`` or ``bf16``.
+        decode_slab: volumes decoded this many latent planes at a time (changes the decoded
+            values slightly); None: at once.
     """
 
     classes: tuple[str, ...] = ()
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     precision: str = "fp32"
+    decode_slab: int | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,18 @@ def _read_card(out: Path) -> dict | None:
     if not isinstance(card, dict) or "settings" not in card or "model" not in card:
         raise ValueError(f"{path}: not a medfusion dataset card (no model/settings)")
     return card
+
+
+def _check_out_path(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    for parent in out.parents:  # the first existing ancestor must be a writable folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"--out {out}: cannot create folders in {parent} (permission denied)")
+            break
 
 
 def _flat(settings: dict, prefix: str = "") -> dict:
@@ -307,10 +323,9 @@ def write_synthetic_dataset(
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if slab is not None and slab < 1:
         raise ValueError(f"--decode-slab must be >= 1; got {slab}")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+    _check_out_path(out)
     model = load_model_folder(model_path)
-    settings = SampleSettings(resolve_classes(model, class_labels), int(seed), sampler, precision)
+    settings = SampleSettings(resolve_classes(model, class_labels), int(seed), sampler, precision, slab)
     digest = model_hash(model_path)
     card = _read_card(out) if out.is_dir() else None
     _check_existing(out, card, digest, settings, n)
@@ -319,8 +334,8 @@ def write_synthetic_dataset(
     plan = plan_samples(settings.classes, n, settings.seed, suffix)
 
     state = process_state()
+    kept = sum((out / s.file).is_file() for s in plan)  # before any process writes
     if state.is_main_process:
-        kept = sum((out / s.file).is_file() for s in plan)
         log(
             f"# medfusion sample: {len(plan)} samples ({n} per class of {', '.join(settings.classes)}) into "
             f"{out}, {kept} already there\n# sampler {sampler.name}, {sampler.steps} steps, guidance "
@@ -341,7 +356,6 @@ def write_synthetic_dataset(
         )
     state.wait_for_everyone()
 
-    kept = sum((out / s.file).is_file() for s in plan)
     batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
     mine = [b for k, b in enumerate(batches) if k % state.num_processes == state.process_index]
     todo = [b for b in mine if not all((out / s.file).is_file() for s in b)]

@@ -10,70 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from _sampler_helpers import LATENT_CHANNELS, folder_unet, model_info, scheduler_config, tiny_vae
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from medfusion.autoencoders.vae import VAE
-from medfusion.diffusion.objective import DiffusionConfig
 from medfusion.diffusion.unet import UNet
 from medfusion.samplers import (
     INFO_FILE,
     MODEL_INDEX,
     ModelFolderError,
-    ModelInfo,
     load_model_folder,
     sample_latents,
     save_model_folder,
 )
 
-LATENT_CHANNELS = 2
-VAE_TINY = {"block_out_channels": (4, 8), "layers_per_block": 1, "norm_num_groups": 4}
-UNET_TINY = {
-    "block_out_channels": (8, 8),
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "num_head_channels": 8,
-}
-IMAGE_SIZE = {2: (16, 8), 3: (8, 8, 4)}  # array order; the VAE halves each side once
-SPACING = {2: (0.5, 0.25), 3: (0.5, 0.25, 2.0)}
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def perturb(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Small noise on every parameter (zero-initialised layers would hide mix-ups otherwise)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model
-
-
-def tiny_vae(spatial_dims: int, latent_channels: int = LATENT_CHANNELS) -> VAE:
-    vae = VAE(spatial_dims=spatial_dims, in_channels=1, latent_channels=latent_channels, **VAE_TINY)
-    vae.set_scaling_factor(0.75)
-    return perturb(vae).eval()
-
-
-def tiny_unet(spatial_dims: int, in_channels: int = LATENT_CHANNELS, num_classes: int | None = 2) -> UNet:
-    unet = UNet(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **UNET_TINY)
-    return perturb(unet).eval()
-
-
-def model_info(spatial_dims: int, class_names=("a", "b")) -> ModelInfo:
-    size = IMAGE_SIZE[spatial_dims]
-    return ModelInfo(
-        spatial_dims=spatial_dims,
-        image_size=size,
-        channels=1,
-        latent_shape=(LATENT_CHANNELS, *(s // 2 for s in size)),
-        class_names=class_names,
-        scaling_factor=0.75,
-        normalization={"normalization": "percentile", "percentiles": [0.5, 99.5], "per_channel": True},
-        source_dtype="uint16",
-        spacing=SPACING[spatial_dims],
-    )
-
-
-def scheduler_config() -> dict:
-    return DiffusionConfig(beta_schedule="cosine", prediction_type="v_prediction").scheduler_config()
 
 
 def plain_config(model) -> dict:
@@ -99,7 +50,7 @@ def spatial_dims(request) -> int:
 @pytest.fixture
 def saved(tmp_path, spatial_dims):
     """A model folder written from tiny models: (path, unet, vae, info)."""
-    unet, vae, info = tiny_unet(spatial_dims), tiny_vae(spatial_dims), model_info(spatial_dims)
+    unet, vae, info = folder_unet(spatial_dims), tiny_vae(spatial_dims), model_info(spatial_dims)
     path = save_model_folder(tmp_path / "model", unet, vae, scheduler_config(), info)
     return path, unet, vae, info
 
@@ -254,7 +205,7 @@ def _truncate_unet_weights(path: Path) -> None:
 
 
 def _unet_latent_channels_mismatch(path: Path) -> None:
-    unet = tiny_unet(
+    unet = folder_unet(
         json.loads((path / INFO_FILE).read_text())["spatial_dims"], in_channels=LATENT_CHANNELS + 1
     )
     shutil.rmtree(path / "unet")
@@ -303,12 +254,12 @@ def test_missing_folder_is_refused(tmp_path):
 def test_save_refuses_parts_that_do_not_fit(tmp_path):
     vae, info = tiny_vae(2), model_info(2)
     cases = [
-        (tiny_unet(2, in_channels=LATENT_CHANNELS + 1), vae, info, "U-Net takes 3 latent channel"),
-        (tiny_unet(2, num_classes=3), vae, info, r"U-Net has 3 class\(es\) but medfusion.json names 2"),
-        (tiny_unet(2, num_classes=None), vae, info, r"U-Net has None class\(es\)"),
-        (tiny_unet(2, num_classes=2), vae, model_info(2, class_names=()), r"names 0"),
-        (tiny_unet(3), vae, info, "U-Net is 3D but the VAE 2D"),
-        (tiny_unet(3), tiny_vae(3), info, "says 2D with 1 channel"),
+        (folder_unet(2, in_channels=LATENT_CHANNELS + 1), vae, info, "U-Net takes 3 latent channel"),
+        (folder_unet(2, num_classes=3), vae, info, r"U-Net has 3 class\(es\) but medfusion.json names 2"),
+        (folder_unet(2, num_classes=None), vae, info, r"U-Net has None class\(es\)"),
+        (folder_unet(2, num_classes=2), vae, model_info(2, class_names=()), r"names 0"),
+        (folder_unet(3), vae, info, "U-Net is 3D but the VAE 2D"),
+        (folder_unet(3), tiny_vae(3), info, "says 2D with 1 channel"),
     ]
     for unet, vae_, info_, message in cases:
         with pytest.raises(ModelFolderError, match=message):
@@ -317,7 +268,7 @@ def test_save_refuses_parts_that_do_not_fit(tmp_path):
 
 
 def test_unconditional_model_round_trip(tmp_path):
-    unet, vae, info = tiny_unet(2, num_classes=None), tiny_vae(2), model_info(2, class_names=())
+    unet, vae, info = folder_unet(2, num_classes=None), tiny_vae(2), model_info(2, class_names=())
     folder = load_model_folder(save_model_folder(tmp_path / "model", unet, vae, scheduler_config(), info))
     assert folder.unet.num_classes is None and folder.info.class_names == ()
     assert_same_weights(folder.unet, unet)
@@ -328,10 +279,10 @@ def test_unconditional_model_round_trip(tmp_path):
 
 def test_save_over_an_existing_folder_replaces_it(tmp_path):
     parent = tmp_path / "models"
-    first = tiny_unet(2)
+    first = folder_unet(2)
     path = save_model_folder(parent / "model", first, tiny_vae(2), scheduler_config(), model_info(2))
     (path / "stale.txt").write_text("from the first save")
-    second = tiny_unet(2)
+    second = folder_unet(2)
     assert not torch.equal(second.conv_out.weight, first.conv_out.weight)
     save_model_folder(path, second, tiny_vae(2), scheduler_config(), model_info(2))
 
@@ -346,7 +297,7 @@ def test_save_over_an_existing_folder_replaces_it(tmp_path):
 
 def test_failed_save_leaves_the_old_folder(tmp_path, monkeypatch):
     parent = tmp_path / "models"
-    unet = tiny_unet(2)
+    unet = folder_unet(2)
     path = save_model_folder(parent / "model", unet, tiny_vae(2), scheduler_config(), model_info(2))
     vae = tiny_vae(2)
 
@@ -355,6 +306,6 @@ def test_failed_save_leaves_the_old_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vae, "save_pretrained", fail)
     with pytest.raises(OSError, match="disk full"):
-        save_model_folder(path, tiny_unet(2), vae, scheduler_config(), model_info(2))
+        save_model_folder(path, folder_unet(2), vae, scheduler_config(), model_info(2))
     assert [p.name for p in parent.iterdir()] == ["model"]
     assert_same_weights(load_model_folder(path).unet, unet)

@@ -15,11 +15,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from _sampler_helpers import latent_shape, seeded, tiny_unet
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from medfusion.diffusion.objective import DiffusionConfig, betas_from_scheduler_config
-from medfusion.diffusion.unet import UNet
 from medfusion.samplers import (
     DEFAULT_STEPS,
     SAMPLERS,
@@ -31,30 +31,10 @@ from medfusion.samplers import (
     sample_latents,
 )
 
-TINY = {"block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4, "num_head_channels": 8}
-NUM_CLASSES = 3
-LATENT_SPATIAL = {2: (8, 4), 3: (4, 8, 4)}  # not all sides equal, so that mixed-up axes show
 NAMES = list(SAMPLERS)
 SCHEDULE = DiffusionConfig().scheduler_config()
 # diffusers' sigma schedulers call np.array(tensor, copy=False) (numpy 2 deprecation): not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-def tiny_unet(spatial_dims: int, num_classes: int | None = NUM_CLASSES) -> UNet:
-    """A tiny conditional UNet with small random weights everywhere (conv_out starts at zero)."""
-    model = UNet(spatial_dims=spatial_dims, in_channels=4, num_classes=num_classes, **TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
-def latent_shape(spatial_dims: int, n: int = 2) -> tuple[int, ...]:
-    return (n, 4, *LATENT_SPATIAL[spatial_dims])
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def alphas_cumprod64(schedule: dict = SCHEDULE) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from test_model_folder import model_info, scheduler_config, tiny_unet, tiny_vae
+from _sampler_helpers import folder_unet, model_info, scheduler_config, tiny_vae
 
 import medfusion.samplers.synthetic as synthetic
 from medfusion.cli import main
@@ -49,11 +49,11 @@ def models(tmp_path_factory):
     uint8 = dataclasses.replace(model_info(2), source_dtype="uint8")
     uncond = model_info(2, class_names=())
     return {
-        "2d": save_model_folder(root / "2d", tiny_unet(2), tiny_vae(2), scheduler_config(), model_info(2)),
-        "uint8": save_model_folder(root / "uint8", tiny_unet(2), tiny_vae(2), scheduler_config(), uint8),
-        "3d": save_model_folder(root / "3d", tiny_unet(3), tiny_vae(3), scheduler_config(), model_info(3)),
+        "2d": save_model_folder(root / "2d", folder_unet(2), tiny_vae(2), scheduler_config(), model_info(2)),
+        "uint8": save_model_folder(root / "uint8", folder_unet(2), tiny_vae(2), scheduler_config(), uint8),
+        "3d": save_model_folder(root / "3d", folder_unet(3), tiny_vae(3), scheduler_config(), model_info(3)),
         "uncond": save_model_folder(
-            root / "uncond", tiny_unet(2, num_classes=None), tiny_vae(2), scheduler_config(), uncond
+            root / "uncond", folder_unet(2, num_classes=None), tiny_vae(2), scheduler_config(), uncond
         ),
     }
 
@@ -480,7 +480,7 @@ def test_missing_model_folder(tmp_path, capsys):
 def test_mismatched_model_parts(models, tmp_path, capsys):
     def other_unet(model: Path) -> None:
         shutil.rmtree(model / "unet")
-        tiny_unet(2, in_channels=3).save_pretrained(model / "unet", safe_serialization=True)
+        folder_unet(2, in_channels=3).save_pretrained(model / "unet", safe_serialization=True)
 
     model = broken_copy(models, tmp_path, other_unet)
     message = "the U-Net takes 3 latent channel(s) but the VAE makes 2"

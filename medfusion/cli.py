@@ -346,6 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ValueError, OSError, RuntimeError) as e:
         print(f"medfusion: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        hints = {
+            "sample": " (complete files are kept: run the same command again to resume)",
+            "train": " (continue from the last checkpoint with --resume)",
+            "train-vae": " (continue from the last checkpoint with --resume)",
+        }
+        print(f"medfusion: interrupted{hints.get(args.command, '')}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

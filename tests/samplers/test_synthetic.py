@@ -589,3 +589,27 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models, complete_2d, tmp_pat
 
     # and checks like a real run
     assert_refused(capsys, out, models["2d"], "--n", 3, "--steps", 5, "--dry-run", message="other settings")
+
+
+def test_ctrl_c_exits_130_with_a_resume_hint(models, tmp_path, monkeypatch, capsys):
+    """An interrupted `medfusion sample` (Ctrl-C after the first batch) keeps its complete files,
+    says how to resume, and exits with the shell's status for SIGINT; the rerun completes."""
+    out = tmp_path / "synthetic"
+    original = synthetic.write_synthetic_dataset
+
+    def interrupted(*args, **kwargs):
+        def stop(done, total):
+            raise KeyboardInterrupt
+
+        return original(*args, **{**kwargs, "callback": stop})
+
+    monkeypatch.setattr(synthetic, "write_synthetic_dataset", interrupted)
+    assert sample(models["2d"], out, "--n", 3, "--batch-size", 2) == 130
+    assert (
+        "interrupted (complete files are kept: run the same command again to resume)"
+        in capsys.readouterr().err
+    )
+    assert samples_of(out) == {"a/000000.png", "b/000001.png"}
+    monkeypatch.setattr(synthetic, "write_synthetic_dataset", original)
+    assert sample(models["2d"], out, "--n", 3, "--batch-size", 2) == 0
+    assert len(samples_of(out)) == 6 and read_card(out)["complete"] is True

@@ -154,11 +154,11 @@ def _sample(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance,
             guidance_rescale=args.guidance_rescale,
             eta=args.eta,
+            karras_sigmas=args.karras_sigmas,
         )
     except ValueError as e:
-        raise ValueError(
-            f"sampler settings (--sampler, --steps, --guidance, --guidance-rescale, --eta): {e}"
-        ) from e
+        options = "--sampler, --steps, --guidance, --guidance-rescale, --eta, --karras-sigmas"
+        raise ValueError(f"sampler settings ({options}): {e}") from e
     result = write_synthetic_dataset(
         args.model,
         args.out,
@@ -319,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] (default 0: off)"
     )
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise weight (ddim only; default 0)")
+    sample.add_argument(
+        "--karras-sigmas",
+        action="store_true",
+        help="Karras et al.'s noise levels (dpmpp-2m, euler, heun, unipc): DPM++ 2M Karras",
+    )
     sample.add_argument("--seed", type=int, default=0, help="seed of sample 0 (sample i: SEED+i)")
     sample.add_argument(
         "--batch-size", type=int, default=16, help="samples per batch and process (default 16)"

@@ -29,6 +29,7 @@ from diffusers import DDPMScheduler
 from medfusion.autoencoders import VAE
 from medfusion.diffusion import DiffusionConfig, UNet
 from medfusion.samplers import (
+    KARRAS_SAMPLERS,
     SAMPLERS,
     MedfusionPipeline,
     ModelFolder,
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=2, help="timed batches per configuration (median)")
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--karras-sigmas", action="store_true", help="for dpmpp-2m, euler, heun, unipc")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", default=None, help="torch.compile mode for the U-Net, e.g. max-autotune")
@@ -145,7 +147,8 @@ def main() -> None:
         ref = SamplerConfig(name, int(steps), args.guidance)
         reference = pipe.decode(pipe.sample_latents(labels, seeds, ref))
     for name, steps in itertools.product(args.sampler, args.steps):
-        sampler = SamplerConfig(name, steps, args.guidance)
+        karras = args.karras_sigmas and name in KARRAS_SAMPLERS
+        sampler = SamplerConfig(name, steps, args.guidance, karras_sigmas=karras)
         timed(pipe, labels, seeds, sampler, device)  # warm-up (and compilation)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -156,7 +159,7 @@ def main() -> None:
         seconds = sorted(times)[len(times) // 2]
         row = {
             "model": args.model or args.preset,
-            "sampler": name,
+            "sampler": name + (" karras" if karras else ""),
             "steps": steps,
             "model_calls": model_calls(sampler, model.scheduler_config),
             "batch": args.batch,

@@ -13,7 +13,14 @@ from medfusion.samplers.model_folder import (
 )
 from medfusion.samplers.pipeline import MedfusionPipeline, decode_in_slabs
 from medfusion.samplers.sampling import initial_noise, rescale_guidance, sample_latents
-from medfusion.samplers.schedulers import DEFAULT_STEPS, SAMPLERS, DDIMSampler, SamplerConfig, make_scheduler
+from medfusion.samplers.schedulers import (
+    DEFAULT_STEPS,
+    KARRAS_SAMPLERS,
+    SAMPLERS,
+    DDIMSampler,
+    SamplerConfig,
+    make_scheduler,
+)
 from medfusion.samplers.synthetic import (
     CARD,
     MANIFEST,
@@ -27,6 +34,7 @@ __all__ = [
     "CARD",
     "DEFAULT_STEPS",
     "INFO_FILE",
+    "KARRAS_SAMPLERS",
     "MANIFEST",
     "MODEL_INDEX",
     "SAMPLERS",

@@ -137,6 +137,8 @@ ALIASES = {
     "dpm++2m": "dpmpp-2m",
     "dpmpp2m": "dpmpp-2m",
 }
+# the samplers that can step through Karras et al.'s noise levels
+KARRAS_SAMPLERS = frozenset({"dpmpp-2m", "euler", "heun", "unipc"})
 # a sensible step count per sampler when none is given
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpmpp-2m": 25, "euler": 50, "heun": 25, "unipc": 20}
 
@@ -150,24 +152,34 @@ def sampler_name(name: str) -> str:
     return key
 
 
-def make_scheduler(name: str, schedule: dict, eta: float = 0.0) -> object:
+def _check_options(name: str, eta: float, karras_sigmas: bool) -> None:
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be >= 0; got {eta}")
+    if eta and name != "ddim":
+        raise ValueError(f"eta applies to the ddim sampler only; got eta={eta} with {name}")
+    if karras_sigmas and name not in KARRAS_SAMPLERS:
+        raise ValueError(f"karras_sigmas applies to {', '.join(sorted(KARRAS_SAMPLERS))}; not to {name}")
+
+
+def make_scheduler(name: str, schedule: dict, eta: float = 0.0, karras_sigmas: bool = False) -> object:
     """A fresh diffusers scheduler for sampler ``name`` on the noise schedule ``schedule``.
 
     Args:
         name: one of :data:`SAMPLERS` (or an alias such as ``dpm-solver++``).
         schedule: the model's scheduler config (betas, prediction type, timestep spacing ...).
         eta: DDIM's noise weight; only the ``ddim`` sampler takes it.
+        karras_sigmas: step through the noise levels of Karras et al. 2022 (ρ = 7) instead of
+            the schedule's timestep spacing (``dpmpp-2m``, ``euler``, ``heun``, ``unipc``).
     Returns:
         the scheduler (it keeps state while sampling: make one per sampling run).
     """
     name = sampler_name(name)
-    if eta and name != "ddim":
-        raise ValueError(f"eta applies to the ddim sampler only; got eta={eta} with {name}")
+    _check_options(name, eta, karras_sigmas)
     cls, settings = SAMPLERS[name]
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be >= 0; got {eta}")
     accepted = set(inspect.signature(cls.__init__).parameters)
     config = {k: v for k, v in dict(schedule).items() if k in accepted}  # no warnings for the rest
+    if karras_sigmas:
+        settings = {**settings, "use_karras_sigmas": True}
     scheduler = cls.from_config({**config, **settings})
     if isinstance(scheduler, DDIMSampler):
         scheduler.eta = float(eta)
@@ -186,6 +198,8 @@ class SamplerConfig(Config):
         guidance_rescale: φ of Lin et al. 2023 in [0, 1]: pull the guided prediction's standard
             deviation back to the conditional one's (0 = off).
         eta: DDIM's noise weight (``ddim`` only).
+        karras_sigmas: the noise levels of Karras et al. 2022 (``dpmpp-2m``, ``euler``, ``heun``,
+            ``unipc``): "DPM++ 2M Karras" is ``dpmpp-2m`` with this on.
     """
 
     name: str = "dpmpp-2m"
@@ -193,6 +207,7 @@ class SamplerConfig(Config):
     guidance_scale: float = 3.0
     guidance_rescale: float = 0.0
     eta: float = 0.0
+    karras_sigmas: bool = False
 
     def __post_init__(self) -> None:
         name = sampler_name(self.name)
@@ -207,11 +222,8 @@ class SamplerConfig(Config):
             raise ValueError(f"guidance_scale must be a number >= 0; got {self.guidance_scale}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1]; got {self.guidance_rescale}")
-        if not (math.isfinite(self.eta) and self.eta >= 0):
-            raise ValueError(f"eta must be >= 0; got {self.eta}")
-        if self.eta and name != "ddim":
-            raise ValueError(f"eta applies to the ddim sampler only; got eta={self.eta} with {name}")
+        _check_options(name, self.eta, self.karras_sigmas)
 
     def scheduler(self, schedule: dict) -> object:
         """A fresh scheduler for these settings on the model's noise ``schedule``."""
-        return make_scheduler(self.name, schedule, eta=self.eta)
+        return make_scheduler(self.name, schedule, eta=self.eta, karras_sigmas=self.karras_sigmas)

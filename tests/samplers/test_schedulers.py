@@ -22,6 +22,7 @@ from torch import nn
 from medfusion.diffusion.objective import DiffusionConfig, betas_from_scheduler_config
 from medfusion.samplers import (
     DEFAULT_STEPS,
+    KARRAS_SAMPLERS,
     SAMPLERS,
     DDIMSampler,
     SamplerConfig,
@@ -589,3 +590,37 @@ def test_ddim_sampler_step_takes_diffusers_ddim_arguments():
     )
     with pytest.raises(ValueError, match="either generator or variance_noise"):
         scheduler.step(prediction, t, x, generator=torch.Generator(), variance_noise=noise)
+
+
+# Karras et al.'s noise levels
+
+
+@pytest.mark.parametrize("name", sorted(KARRAS_SAMPLERS))
+def test_karras_sigmas_change_the_noise_levels_and_keep_the_loop_working(name):
+    """ "DPM++ 2M Karras" and friends: other timesteps than the schedule's trailing spacing, the
+    same end points (pure noise first, x_0 last), deterministic samples of the right shape."""
+    plain, karras = make_scheduler(name, SCHEDULE), make_scheduler(name, SCHEDULE, karras_sigmas=True)
+    plain.set_timesteps(10)
+    karras.set_timesteps(10)
+    assert karras.config.use_karras_sigmas and not plain.config.use_karras_sigmas
+    assert not torch.equal(plain.timesteps.float(), karras.timesteps.float())
+    assert float(karras.timesteps[0]) == pytest.approx(float(plain.timesteps[0]), abs=1.0)
+    sampler = SamplerConfig(name, steps=4, karras_sigmas=True)
+    assert SamplerConfig.from_dict(sampler.to_dict()) == sampler
+    unet, shape, labels = tiny_unet(2), latent_shape(2), torch.tensor([0, 2])
+
+    def draw(config):
+        return sample_latents(unet, config.scheduler(SCHEDULE), shape, labels, 4, 3.0, seeded(5))
+
+    first, second = draw(sampler), draw(sampler)
+    assert first.shape == shape and torch.isfinite(first).all()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not torch.allclose(first, draw(SamplerConfig(name, steps=4)))
+
+
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - KARRAS_SAMPLERS))
+def test_karras_sigmas_are_refused_where_they_do_not_apply(name):
+    with pytest.raises(ValueError, match=f"karras_sigmas applies to .*; not to {name}"):
+        SamplerConfig(name, karras_sigmas=True)
+    with pytest.raises(ValueError, match="karras_sigmas applies to"):
+        make_scheduler(name, SCHEDULE, karras_sigmas=True)

@@ -495,6 +495,7 @@ def test_mismatched_model_parts(models, tmp_path, capsys):
         (["--n", 1, "--steps", 0], "steps must be an integer >= 1; got 0"),
         (["--n", 1, "--eta", 0.5], "eta applies to the ddim sampler only"),
         (["--n", 1, "--sampler", "euler", "--eta", 1], "eta applies to the ddim sampler only"),
+        (["--n", 1, "--sampler", "ddim", "--karras-sigmas"], "karras_sigmas applies to"),
         (["--n", 1, "--guidance", -1], "guidance_scale must be a number >= 0"),
         (["--n", 1, "--guidance-rescale", 2], "guidance_rescale must be in [0, 1]"),
         (["--n", 1, "--batch-size", 0], "--batch-size must be >= 1"),
@@ -613,3 +614,12 @@ def test_ctrl_c_exits_130_with_a_resume_hint(models, tmp_path, monkeypatch, caps
     monkeypatch.setattr(synthetic, "write_synthetic_dataset", original)
     assert sample(models["2d"], out, "--n", 3, "--batch-size", 2) == 0
     assert len(samples_of(out)) == 6 and read_card(out)["complete"] is True
+
+
+def test_karras_sigmas_are_a_setting_of_the_folder(models, tmp_path):
+    out = tmp_path / "synthetic"
+    assert sample(models["2d"], out, "--n", 1, "--karras-sigmas") == 0
+    assert read_card(out)["settings"]["sampler"]["karras_sigmas"] is True
+    assert sample(models["2d"], out, "--n", 2) == 1  # without: other settings, refused
+    assert sample(models["2d"], out, "--n", 2, "--karras-sigmas") == 0
+    assert len(samples_of(out)) == 4

@@ -170,6 +170,8 @@ def _sample(args: argparse.Namespace) -> int:
         precision=args.precision,
         device=args.device,
         slab=args.decode_slab,
+        channels_last=args.channels_last,
+        compile_mode=args.compile,
         progress=not args.quiet,
         dry_run=args.dry_run,
     )
@@ -284,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     diffusion.set_defaults(run=_train)
 
     from medfusion.samplers.schedulers import DEFAULT_STEPS, SAMPLERS
+    from medfusion.utils import COMPILE_MODES
 
     sample = commands.add_parser(
         "sample",
@@ -332,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", help="e.g. cpu, cuda:1 (default: this process's GPU, else CPU)")
     sample.add_argument(
         "--decode-slab", type=int, metavar="PLANES", help="decode volumes PLANES latent slices at a time"
+    )
+    sample.add_argument("--channels-last", action="store_true", help="channels-last networks (GPU speed)")
+    sample.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help=f"torch.compile the U-Net: {', '.join(COMPILE_MODES)} (GPU speed; compiles on the first batch)",
     )
     sample.add_argument(
         "--dry-run", action="store_true", help="check everything, print the plan, write nothing"

@@ -9,6 +9,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# torch.compile modes the commands accept
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 # Compound suffixes that a format is recognised by; the longest match wins.
 _COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz")
 

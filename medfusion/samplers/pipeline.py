@@ -24,6 +24,7 @@ from medfusion.nn.layers import to_channels_last
 from medfusion.samplers.model_folder import ModelFolder, load_model_folder
 from medfusion.samplers.sampling import sample_latents
 from medfusion.samplers.schedulers import SamplerConfig
+from medfusion.utils import COMPILE_MODES
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 UNCONDITIONAL = "none"  # the label name of unconditional samples
@@ -117,6 +118,10 @@ class MedfusionPipeline:
         if channels_last:
             to_channels_last(self.unet)
             to_channels_last(self.vae)
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)} or None; got {compile_mode!r}"
+            )
         self.denoiser = torch.compile(self.unet, mode=compile_mode) if compile_mode else self.unet
 
     @classmethod

@@ -39,11 +39,10 @@ from medfusion.config import Config
 from medfusion.nn.layers import to_channels_last
 from medfusion.training.checkpoint import CheckpointManager
 from medfusion.training.state_io import CheckpointError, load_state, rng_state, save_state, set_rng_state
-from medfusion.utils import cpu_only, process_state  # noqa: F401 (process_state: imported from here)
+from medfusion.utils import COMPILE_MODES, cpu_only, process_state  # noqa: F401 (re-exported)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TRAINER_FILE = "trainer.json"
 
 

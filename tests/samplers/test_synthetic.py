@@ -623,3 +623,28 @@ def test_karras_sigmas_are_a_setting_of_the_folder(models, tmp_path):
     assert sample(models["2d"], out, "--n", 2) == 1  # without: other settings, refused
     assert sample(models["2d"], out, "--n", 2, "--karras-sigmas") == 0
     assert len(samples_of(out)) == 4
+
+
+def test_speed_options_reach_the_pipeline_and_keep_the_samples(models, complete_2d, tmp_path, monkeypatch):
+    """--channels-last gives the same files up to rounding (not a setting of the folder: it may
+    change between resumed runs); --compile MODE reaches MedfusionPipeline (compiling itself is a
+    GPU matter, measured by scripts/bench_sample.py)."""
+    out = tmp_path / "synthetic"
+    assert sample(models["2d"], out, "--n", 3, "--batch-size", 4, "--channels-last") == 0
+    for row in read_manifest(out):
+        a, b = read_array(out / row["file"]).astype(int), read_array(complete_2d / row["file"]).astype(int)
+        assert np.abs(a - b).max() <= 1
+    seen = {}
+
+    class Capture(MedfusionPipeline):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **{**kwargs, "compile_mode": None})
+
+    monkeypatch.setattr(synthetic, "MedfusionPipeline", Capture)
+    assert sample(models["2d"], tmp_path / "compiled", "--n", 1, "--compile", "max-autotune") == 0
+    assert seen["compile_mode"] == "max-autotune" and seen["channels_last"] is False
+    with pytest.raises(SystemExit):
+        main(["sample", str(models["2d"]), "--out", str(tmp_path / "x"), "--n", "1", "--compile", "fast"])
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        MedfusionPipeline.from_pretrained(models["2d"], compile_mode="fast")

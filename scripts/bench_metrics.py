@@ -1,0 +1,86 @@
+"""Benchmark the distribution metrics on feature arrays: time and peak memory per metric.
+
+Random Gaussian features stand in for an extractor's output (``--n`` real vs ``--n`` synthetic
+vectors of width ``--dim``; 2048 is Inception's pool width). Each metric runs in a fresh process so
+that its peak resident memory (CPU) or peak allocated memory (GPU) is its own. The nearest-
+neighbour metrics work block-wise: their memory grows with ``block_size * N``, not ``N * N``.
+
+    python scripts/bench_metrics.py --n 10000 --dim 2048
+    python scripts/bench_metrics.py --n 10000 --dim 2048 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import time
+
+import torch
+
+from medfusion.metrics import density_coverage, fid, kid, memorisation_audit, precision_recall
+
+METRICS = {
+    "fid": lambda real, fake, args: fid(real, fake),
+    "kid": lambda real, fake, args: kid(real, fake, subsets=100, subset_size=1000).mean,
+    "precision_recall": lambda real, fake, args: (
+        precision_recall(real, fake, block_size=args.block_size).precision
+    ),
+    "density_coverage": lambda real, fake, args: (
+        density_coverage(real, fake, block_size=args.block_size).coverage
+    ),
+    "memorisation": lambda real, fake, args: (
+        memorisation_audit(
+            real, fake, real.flip(0)[: len(real) // 2] + 0.1, block_size=args.block_size
+        ).fraction_flagged
+    ),
+}
+
+
+def run(name: str, args: argparse.Namespace, queue) -> None:
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(args.n, args.dim, generator=generator).to(device)
+    fake = (torch.randn(args.n, args.dim, generator=generator) * 1.1 + 0.05).to(device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    value = METRICS[name](real, fake, args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    row = {"metric": name, "n": args.n, "dim": args.dim, "device": str(device), "seconds": round(seconds, 2)}
+    row["value"] = round(float(value), 5)
+    row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    row["rss_growth_gb"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1e6, 2)
+    if device.type == "cuda":
+        row["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    queue.put(row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=10000, help="real and synthetic feature vectors each")
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--metric", nargs="+", choices=sorted(METRICS), default=list(METRICS))
+    parser.add_argument("--block-size", type=int, default=1024, help="rows per nearest-neighbour block")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    context = multiprocessing.get_context("spawn")
+    for name in args.metric:
+        queue = context.Queue()
+        process = context.Process(target=run, args=(name, args, queue))
+        process.start()
+        process.join()
+        print(
+            json.dumps(queue.get() if process.exitcode == 0 else {"metric": name, "error": process.exitcode})
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -187,6 +187,79 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features_train(args: argparse.Namespace) -> int:
+    from medfusion.training.features import FeaturesRunConfig, train_domain_encoder
+
+    config = _run_config(FeaturesRunConfig, args, args.out / "config.yaml")
+    train_domain_encoder(
+        args.data, args.out, config, resume=args.resume, dry_run=args.dry_run, progress=not args.quiet
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from medfusion.config import DataConfig
+    from medfusion.metrics.evaluate import evaluate
+    from medfusion.metrics.features import ENCODER_DIR, load_extractor
+
+    device = args.device or "cpu"
+    data = DataConfig(
+        normalization=args.normalization,
+        resize=tuple(args.size) if args.size else None,
+        labels=args.labels,
+    )
+    features = args.features
+    if features is None:  # the default: a domain encoder trained on the real images, kept in OUT
+        from medfusion.training.features import FeaturesRunConfig, train_domain_encoder
+
+        features = args.out / "features"
+        if not (features / ENCODER_DIR / "config.json").is_file():
+            print(f"# no --features: training a domain encoder on {args.real} into {features}")
+            config = FeaturesRunConfig(data=data)
+            if args.feature_steps is not None:
+                config = config.replace(train={**config.train.to_dict(), "max_steps": args.feature_steps})
+            train_domain_encoder(
+                args.real,
+                features,
+                config,
+                resume=(features / "checkpoints").is_dir(),
+                progress=not args.quiet,
+            )
+    extractor = load_extractor(features, device)
+    evaluate(
+        args.real,
+        args.fake,
+        args.out,
+        extractor,
+        train=args.train,
+        data=data,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def _evaluate_vae(args: argparse.Namespace) -> int:
+    from medfusion.training.vae import evaluate_vae
+
+    metrics = evaluate_vae(
+        args.vae,
+        args.data,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        device=args.device or "cpu",
+        progress=not args.quiet,
+    )
+    text = json.dumps(metrics, indent=2) + "\n"
+    print(text, end="")
+    if args.out is not None:
+        from medfusion.utils import atomic_write_text
+
+        atomic_write_text(args.out, text)
+    return 0
+
+
 def _add_training_options(parser: argparse.ArgumentParser, sections: str) -> None:
     parser.add_argument("--data", type=Path, required=True, metavar="DATA", help="training images/volumes")
     parser.add_argument("--config", type=Path, metavar="YAML", help=f"config with sections {sections}")
@@ -285,6 +358,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(diffusion, "data, model, diffusion, train, preview")
     diffusion.set_defaults(run=_train)
 
+    features = commands.add_parser("features", help="feature extractors of the evaluators")
+    features_commands = features.add_subparsers(dest="features_command", required=True, metavar="ACTION")
+    features_train = features_commands.add_parser(
+        "train",
+        help="train a domain feature encoder on real images (offline, any modality, 2D or 3D)",
+        description="Train a small encoder on the real reference images DATA (contrastive views, plus "
+        "the classes when there are any). Writes FEAT/encoder (config.json + safetensors), used by "
+        "medfusion evaluate --features FEAT, and FEAT/checkpoints, FEAT/logs, FEAT/config.yaml.",
+    )
+    features_train.add_argument("--out", type=Path, required=True, metavar="FEAT", help="run folder")
+    _add_training_options(features_train, "data, model, train, image_size, temperature, class_weight")
+    features_train.set_defaults(run=_features_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="compare synthetic with real images: FID, KID, precision/recall, diversity, memorisation",
+        description="Read REAL and FAKE (and TRAIN) the same way, extract features, and write "
+        "DIR/metrics.json and DIR/report.html (self-contained: grids, metric table, precision/recall "
+        "plot, memorisation histogram and closest pairs). Without --features a domain encoder is "
+        "trained on REAL into DIR/features first (offline, any modality).",
+    )
+    evaluate.add_argument("--real", type=Path, required=True, help="real reference images (held out)")
+    evaluate.add_argument(
+        "--fake", type=Path, required=True, help="synthetic images (a medfusion sample folder)"
+    )
+    evaluate.add_argument("--train", type=Path, help="the generator's training images: memorisation audit")
+    evaluate.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder")
+    evaluate.add_argument(
+        "--features",
+        help="FEAT (from medfusion features train), 'inception' (local weights), or a .pt/.ts/.onnx file",
+    )
+    evaluate.add_argument("--feature-steps", type=int, help="training steps of the default domain encoder")
+    evaluate.add_argument(
+        "--size", type=int, nargs="+", help="resize every image to this (default: the first real)"
+    )
+    evaluate.add_argument(
+        "--normalization", default="auto", help="intensity normalisation of every folder (default auto)"
+    )
+    evaluate.add_argument("--labels", metavar="CSV", help="labels CSV for REAL ('none': unlabelled)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--device", help="e.g. cuda (default cpu)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(run=_evaluate)
+
+    evaluate_vae = commands.add_parser(
+        "evaluate-vae",
+        help="reconstruction metrics of a trained VAE on a folder of images",
+        description="PSNR, SSIM and MS-SSIM of the VAE's posterior-mean reconstructions of DATA (data "
+        "settings from the VAE run's config.yaml). Prints JSON; --out also writes it.",
+    )
+    evaluate_vae.add_argument("--vae", type=Path, required=True, metavar="RUN/vae", help="the trained VAE")
+    evaluate_vae.add_argument("--data", type=Path, required=True, help="images to reconstruct (held out)")
+    evaluate_vae.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON here")
+    evaluate_vae.add_argument("--max-images", type=int, default=1000)
+    evaluate_vae.add_argument("--batch-size", type=int, default=16)
+    evaluate_vae.add_argument("--device", help="e.g. cuda (default cpu)")
+    evaluate_vae.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate_vae.set_defaults(run=_evaluate_vae)
+
     from medfusion.samplers.schedulers import DEFAULT_STEPS, SAMPLERS
     from medfusion.utils import COMPILE_MODES
 
@@ -366,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sample": " (complete files are kept: run the same command again to resume)",
             "train": " (continue from the last checkpoint with --resume)",
             "train-vae": " (continue from the last checkpoint with --resume)",
+            "features": " (continue from the last checkpoint with --resume)",
         }
         print(f"medfusion: interrupted{hints.get(args.command, '')}", file=sys.stderr)
         return 130

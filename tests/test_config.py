@@ -261,3 +261,11 @@ def test_top_level_not_a_mapping(tmp_path):
     assert str(path) in str(info.value)
     with pytest.raises(ValueError, match="mapping"):
         DataConfig.load(path, section="data")
+
+
+def test_replace_takes_a_nested_config_object():
+    from medfusion.training.features import FeaturesRunConfig
+
+    config = FeaturesRunConfig().replace(data=DataConfig(labels="none", resize=(8, 8)))
+    assert config.data == DataConfig(labels="none", resize=(8, 8))
+    assert FeaturesRunConfig.from_dict(config.to_dict()) == config

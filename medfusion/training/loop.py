@@ -239,7 +239,7 @@ class _Logger:
             f.write(json.dumps(record) + "\n")
 
     def images(self, tag: str, images: torch.Tensor, step: int, nrow: int = 8) -> Path:
-        from medfusion.training.visualize import save_grid
+        from medfusion.visualize import save_grid
 
         path = save_grid(images, self.log_dir / "images" / f"{tag}_step_{step:07d}.png", nrow=nrow)
         if self.tensorboard:

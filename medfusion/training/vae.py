@@ -25,8 +25,8 @@ from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import DatasetSubset, ImageFolderDataset, build_transform, split_indices
 from medfusion.metrics.reconstruction import ReconstructionMeter, psnr
 from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult, process_state, train
-from medfusion.training.visualize import reconstruction_grid
 from medfusion.utils import atomic_dir, atomic_write_text
+from medfusion.visualize import reconstruction_grid
 
 
 @dataclass(frozen=True)
@@ -274,3 +274,39 @@ def _finish(vae: VAE, datasets: VAEDatasets, out: Path, config: VAERunConfig, de
         f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, MS-SSIM {metrics['ms_ssim']:.4f} "
         f"-> {out / 'vae_eval.json'}"
     )
+
+
+def evaluate_vae(
+    vae_path: str | Path,
+    data: str | Path,
+    data_config: DataConfig | None = None,
+    max_images: int = 1000,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Reconstruction metrics (PSNR, SSIM, MS-SSIM of posterior means) of the VAE at ``vae_path``
+    on the images of ``data``; the data settings default to those of the VAE's run
+    (``RUN/config.yaml`` beside ``RUN/vae``), without random crops or flips."""
+    from medfusion.training.diffusion import load_vae
+
+    vae_path = Path(vae_path)
+    vae = load_vae(vae_path).to(device)
+    if data_config is None:
+        saved = vae_path.parent / "config.yaml"
+        data_config = VAERunConfig.load(saved).data if saved.is_file() else DataConfig()
+    data_config = data_config.replace(random_crop=False, flip_axes=())
+    dataset = ImageFolderDataset(
+        data,
+        labels="none",
+        transform=build_transform(data_config),
+        skip_bad=data_config.skip_bad,
+        validate="header",
+    )
+    if (dataset.spatial_dims, dataset.channels) != (vae.config.spatial_dims, vae.config.in_channels):
+        raise ValueError(
+            f"{data}: {dataset.spatial_dims}D images with {dataset.channels} channel(s); the VAE takes "
+            f"{vae.config.spatial_dims}D with {vae.config.in_channels}"
+        )
+    metrics = evaluate_reconstruction(vae, dataset, max_images, batch_size, device, progress)
+    return {**metrics, "data": str(data), "images": min(max_images, len(dataset)), "model": str(vae_path)}

@@ -1,4 +1,4 @@
-"""Pictures for training logs: middle slices of volumes, image grids, PNG files.
+"""Pictures for training logs and reports: middle slices of volumes, image grids, PNG files.
 
 Everything takes tensors in the toolkit's range [-1, 1] (``value_range`` says otherwise) and works
 for 2D batches ``(N, C, H, W)`` and volumes ``(N, C, D, H, W)``; a volume is shown by its three

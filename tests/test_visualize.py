@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medfusion.training.visualize import make_grid, mid_slices, reconstruction_grid, save_grid, to_uint8
+from medfusion.visualize import make_grid, mid_slices, reconstruction_grid, save_grid, to_uint8
 
 
 def test_mid_slices_pick_the_middle_indices():

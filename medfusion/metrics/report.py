@@ -1,0 +1,200 @@
+"""The self-contained HTML report of ``medfusion evaluate``: every image embedded as a data URI,
+plots as inline SVG, no scripts, no files beside it; it opens in any browser."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from medfusion.utils import atomic_write_text
+from medfusion.visualize import make_grid, mid_slices, to_uint8
+
+GRID_IMAGES = 16  # per class and set
+PAIRS_SHOWN = 8
+COLUMNS = (
+    ("n_real", "real", "{:d}"),
+    ("n_fake", "synthetic", "{:d}"),
+    ("fid", "FID ↓", "{:.3f}"),
+    ("kid", "KID ↓", "{:.4f}"),
+    ("kid_std", "KID std", "{:.4f}"),
+    ("precision", "precision ↑", "{:.3f}"),
+    ("recall", "recall ↑", "{:.3f}"),
+    ("density", "density", "{:.3f}"),
+    ("coverage", "coverage ↑", "{:.3f}"),
+)
+
+
+def png_data_uri(images: torch.Tensor, nrow: int = 8) -> str:
+    """A grid of ``images`` (N, C, *spatial) in [-1, 1] (volumes: middle slices) as a PNG data URI."""
+    array = to_uint8(make_grid(mid_slices(images.float()), nrow=nrow))
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _table(results: dict) -> str:
+    rows = [("all", results["overall"]), *results["per_class"].items()]
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in COLUMNS)
+    body = []
+    for name, values in rows:
+        cells = "".join(
+            f"<td>{fmt.format(values[key]) if key in values else '–'}</td>" for key, _, fmt in COLUMNS
+        )
+        body.append(f"<tr><th>{html.escape(str(name))}</th>{cells}</tr>")
+    return f"<table><tr><th>class</th>{head}</tr>{''.join(body)}</table>"
+
+
+def _pr_plot(results: dict, size: int = 260) -> str:
+    """Precision (y) against recall (x) per class, as SVG."""
+    margin, inner = 36, size - 52
+    points = [("all", results["overall"]), *results["per_class"].items()]
+    marks = []
+    for i, (name, values) in enumerate(points):
+        if "precision" not in values:
+            continue
+        x = margin + values["recall"] * inner
+        y = size - margin - values["precision"] * inner
+        colour = "#c0392b" if name == "all" else f"hsl({(i * 67) % 360},60%,40%)"
+        marks.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{colour}"/>'
+            f'<text x="{x + 7:.1f}" y="{y + 4:.1f}" font-size="11">{html.escape(str(name))}</text>'
+        )
+    axes = (
+        f'<rect x="{margin}" y="{size - margin - inner}" width="{inner}" height="{inner}" '
+        'fill="none" stroke="#999"/>'
+        f'<text x="{margin + inner / 2}" y="{size - 8}" font-size="12" text-anchor="middle">recall</text>'
+        f'<text x="12" y="{size / 2}" font-size="12" transform="rotate(-90 12 {size / 2})" '
+        'text-anchor="middle">precision</text>'
+        f'<text x="{margin}" y="{size - margin + 14}" font-size="10">0</text>'
+        f'<text x="{margin + inner - 6}" y="{size - margin + 14}" font-size="10">1</text>'
+        f'<text x="{margin - 12}" y="{size - margin - inner + 8}" font-size="10">1</text>'
+    )
+    return (
+        f'<svg width="{size}" height="{size}" xmlns="http://www.w3.org/2000/svg">{axes}{"".join(marks)}</svg>'
+    )
+
+
+def _histogram(fake: torch.Tensor, heldout: torch.Tensor, threshold: float, width: int = 520) -> str:
+    """Histograms of nearest-training-image distances, synthetic and held-out, with the threshold."""
+    height, margin, bins = 200, 30, 30
+    low = float(min(fake.min(), heldout.min()))
+    high = float(max(fake.max(), heldout.max()))
+    high = high if high > low else low + 1.0
+    edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
+    fake_counts = torch.histc(fake.double(), bins, low, high) / max(1, len(fake))
+    held_counts = torch.histc(heldout.double(), bins, low, high) / max(1, len(heldout))
+    top = float(max(fake_counts.max(), held_counts.max())) or 1.0
+    bar = (width - 2 * margin) / bins
+    shapes = []
+    for counts, colour in ((held_counts, "rgba(41,128,185,0.5)"), (fake_counts, "rgba(192,57,43,0.5)")):
+        for i, value in enumerate(counts.tolist()):
+            h = (height - 2 * margin) * value / top
+            shapes.append(
+                f'<rect x="{margin + i * bar:.1f}" y="{height - margin - h:.1f}" width="{bar:.1f}" '
+                f'height="{h:.1f}" fill="{colour}"/>'
+            )
+    x = margin + (threshold - low) / (high - low) * (width - 2 * margin)
+    shapes.append(
+        f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{margin / 2}" y2="{height - margin}" stroke="black"/>'
+    )
+    labels = (
+        f'<text x="{margin}" y="{height - 8}" font-size="10">{edges[0]:.3g}</text>'
+        f'<text x="{width - margin}" y="{height - 8}" font-size="10" text-anchor="end">{edges[-1]:.3g}</text>'
+        f'<text x="{width / 2}" y="{height - 8}" font-size="11" text-anchor="middle">distance to the nearest '
+        "training image</text>"
+        f'<text x="{x + 4:.1f}" y="{margin / 2 + 10}" font-size="10">threshold</text>'
+    )
+    return f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(shapes)}{labels}</svg>'
+
+
+def _grids(real_set, fake_set) -> str:
+    sections = []
+    for label in sorted(set(real_set.kept) | set(fake_set.kept), key=str):
+        name = html.escape(str(label) if label is not None else "all (unlabelled)")
+        cells = []
+        for title, image_set in (("real", real_set), ("synthetic", fake_set)):
+            images = image_set.kept.get(label)
+            if images is None:
+                cells.append(f"<div><h4>{title}</h4><p>none</p></div>")
+                continue
+            uri = png_data_uri(images[:GRID_IMAGES], nrow=8)
+            cells.append(f'<div><h4>{title}</h4><img alt="{title} {name}" src="{uri}"></div>')
+        sections.append(f'<h3>{name}</h3><div class="pair">{"".join(cells)}</div>')
+    return "".join(sections)
+
+
+def _closest_pairs(fake_set, train_set, audit) -> str:
+    rows = []
+    for fake_index, train_index, distance in audit.closest[:PAIRS_SHOWN]:
+        pair = torch.stack([fake_set.dataset[fake_index]["image"], train_set.dataset[train_index]["image"]])
+        flagged = " (flagged)" if distance < audit.threshold else ""
+        rows.append(
+            f'<figure><img alt="closest pair {fake_index}" src="{png_data_uri(pair, nrow=2)}">'
+            f"<figcaption>synthetic #{fake_index} · training #{train_index} · distance {distance:.4g}"
+            f"{flagged}</figcaption></figure>"
+        )
+    return "".join(rows)
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child{text-align:left}.pair{display:flex;gap:2em}img{image-rendering:pixelated;max-width:520px}
+figure{display:inline-block;margin:0.5em}figcaption{font-size:12px}.note{color:#555}
+"""
+
+
+def write_report(path: str | Path, results: dict, real_set, fake_set, train_set=None, audit=None) -> Path:
+    """Write the HTML report of an evaluation to ``path`` (atomically)."""
+    title = f"medfusion evaluation: {html.escape(results['fake'])}"
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>",
+        f"</head><body><h1>{title}</h1>",
+        f"<p>Real: <code>{html.escape(results['real'])}</code> · synthetic: "
+        f"<code>{html.escape(results['fake'])}</code> · images {results['image_size']} · "
+        f"normalisation {html.escape(results['normalization'])} · "
+        f"{html.escape(results['created'])}</p>",
+        f"<p><b>Features: {html.escape(results['extractor'])}.</b> <span class='note'>FIDs from different "
+        "extractors are not comparable; lower FID/KID and higher precision/recall/coverage are better."
+        "</span></p>",
+        "<h2>Metrics</h2>",
+        _table(results),
+        "<h2>Precision and recall</h2>",
+        _pr_plot(results),
+    ]
+    if results.get("diversity"):
+        parts.append(
+            "<h2>Diversity</h2><p class='note'>Mean pairwise MS-SSIM within each class (lower is more "
+            "diverse; synthetic far above real means mode collapse).</p><table><tr><th>class</th>"
+            "<th>real</th><th>synthetic</th></tr>"
+        )
+        real_div, fake_div = results["diversity"].get("real", {}), results["diversity"].get("fake", {})
+        for label in sorted(set(real_div) | set(fake_div)):
+            cells = "".join(
+                f"<td>{values[label]:.3f}</td>" if label in values else "<td>–</td>"
+                for values in (real_div, fake_div)
+            )
+            parts.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+        parts.append("</table>")
+    parts += ["<h2>Real and synthetic images</h2>", _grids(real_set, fake_set)]
+    if audit is not None and train_set is not None:
+        memo = results["memorisation"]
+        parts += [
+            "<h2>Memorisation audit</h2>",
+            f"<p>{memo['flagged']} of {len(audit.fake_to_train)} synthetic samples "
+            f"({100 * memo['fraction_flagged']:.2f}%) are closer to a training image than "
+            f"{100 * (1 - memo['quantile']):.0f}% of held-out real images are (threshold "
+            f"{memo['threshold']:.4g}). Red: synthetic, blue: held-out real.</p>",
+            _histogram(audit.fake_to_train, audit.heldout_to_train, audit.threshold),
+            "<h3>Closest pairs (synthetic, training)</h3>",
+            _closest_pairs(fake_set, train_set, audit),
+        ]
+    parts.append("</body></html>")
+    text = "\n".join(parts)
+    atomic_write_text(path, text)
+    return Path(path)

@@ -20,9 +20,12 @@ from torch import nn
 
 from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import ImageFolderDataset, build_transform
+from medfusion.data.transforms import Compose, Resize
 from medfusion.metrics.features import ENCODER_DIR, DomainEncoder
 from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult, process_state, train
 from medfusion.utils import atomic_dir, atomic_write_text
+
+MAX_DEFAULT_SIDE = 128
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class FeaturesRunConfig(Config):
 
     Attributes:
         image_size: size the encoder works at (array order); None: the first image's (after the
-            data transforms). Every image is resized to it.
+            data transforms), each side capped at 128. Every image is resized to it.
         temperature: NT-Xent temperature.
         projection_dim: width of the contrastive projection head (discarded after training).
         class_weight: weight of the classification term when the data has classes (0: off).
@@ -178,23 +181,15 @@ def train_domain_encoder(
         validate="header",
         progress=progress and state.is_main_process,
     )
-    size = tuple(config.image_size) if config.image_size else tuple(dataset[0]["image"].shape[1:])
+    produced = tuple(dataset[0]["image"].shape[1:])  # after the data transforms
+    if config.image_size:
+        size = tuple(config.image_size)
+    else:  # the data's own size, each side at most MAX_DEFAULT_SIDE (features need no fine detail)
+        size = tuple(min(side, MAX_DEFAULT_SIDE) for side in produced)
     if len(size) != dataset.spatial_dims:
         raise ValueError(f"image_size {list(size)} does not fit {dataset.spatial_dims}D data")
-    if config.data.resize is not None or config.data.crop is not None:
-        produced = tuple(dataset[0]["image"].shape[1:])
-        if produced != size:
-            raise ValueError(
-                f"image_size {list(size)} conflicts with data.resize/data.crop, which give {list(produced)}; "
-                "set one of them"
-            )
-    else:
-        dataset = ImageFolderDataset(
-            data,
-            labels=config.data.labels,
-            skip_bad=config.data.skip_bad,
-            transform=build_transform(config.data.replace(resize=size, random_crop=False, flip_axes=())),
-        )
+    if size != produced:  # resized last, after every data transform, so that the encoder sees `size`
+        dataset.transform = Compose([transform, Resize(size)])
     config = config.replace(image_size=size)
     num_classes = len(dataset.class_names) if dataset.class_names else None
     torch.manual_seed(config.train.seed)

@@ -250,14 +250,24 @@ def test_image_size_must_fit_the_data(crops_2d, tmp_path):
         )
 
 
-def test_image_size_conflicting_with_resize_is_refused(crops_2d, tmp_path):
-    """The crops are 16x16: resizing them to 16 but asking the encoder for 32 is a contradiction
-    (the encoder would record a size it never saw)."""
-    config = _config(image_size=(32, 32)).replace(data=DataConfig(resize=(16, 16)))
-    with pytest.raises(ValueError, match=r"image_size \[32, 32\] conflicts with data.resize/data.crop"):
-        train_domain_encoder(crops_2d, tmp_path / "x", config, dry_run=True, log=print)
-    matching = _config(image_size=(16, 16)).replace(data=DataConfig(resize=(16, 16)))
-    assert train_domain_encoder(crops_2d, tmp_path / "y", matching, dry_run=True, log=print) is None
+def test_image_size_is_applied_after_the_data_transforms(crops_2d, tmp_path, monkeypatch):
+    """The crops are 16x16 and data.resize keeps them so; image_size 32 is applied last, so the
+    encoder trains at the size it records (and evaluation resizes to)."""
+    import medfusion.training.features as features
+
+    seen = []
+    forward = features.EncoderTrainer.forward
+
+    def recording(self, x):
+        seen.append(tuple(x.shape[2:]))
+        return forward(self, x)
+
+    monkeypatch.setattr(features.EncoderTrainer, "forward", recording)
+    config = _config(max_steps=1, image_size=(32, 32)).replace(data=DataConfig(resize=(16, 16)))
+    train_domain_encoder(crops_2d, tmp_path / "feat", config, progress=False, log=print)
+    assert seen and set(seen) == {(32, 32)}
+    saved = json.loads((tmp_path / "feat" / ENCODER_DIR / "config.json").read_text())
+    assert saved["image_size"] == [32, 32]
 
 
 CLI_TINY = [

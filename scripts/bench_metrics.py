@@ -26,14 +26,15 @@ from medfusion.metrics import density_coverage, fid, kid, memorisation_audit, pr
 
 
 def extract_features(args) -> float:
-    """Features of 2 x --n random --size^2 grayscale images through a fresh domain encoder (the
-    default extractor's shape; weights do not change the cost), in batches of --batch."""
+    """Features of 2 x --n random --size^2 grayscale images through a fresh domain encoder of the
+    default shape and size (images resized to at most 128 per side, as the default encoder does;
+    weights do not change the cost), in batches of --batch."""
     from medfusion.metrics.features import DomainEncoder, FeatureExtractor
+    from medfusion.training.features import MAX_DEFAULT_SIDE
 
-    encoder = DomainEncoder(spatial_dims=2, in_channels=1, image_size=(args.size, args.size)).eval()
-    extractor = FeatureExtractor(
-        encoder.to(args.device), "domain", encoder.num_features, 2, 1, (args.size,) * 2
-    )
+    side = min(args.size, MAX_DEFAULT_SIDE)  # the default encoder works at most at 128 per side
+    encoder = DomainEncoder(spatial_dims=2, in_channels=1, image_size=(side, side)).eval()
+    extractor = FeatureExtractor(encoder.to(args.device), "domain", encoder.num_features, 2, 1, (side, side))
     generator = torch.Generator().manual_seed(0)
     total = 0.0
     for start in range(0, 2 * args.n, args.batch):

@@ -49,22 +49,17 @@ class ImageSet:
 
 
 def read_image_set(
-    folder: str | Path,
+    dataset: ImageFolderDataset,
     extractor: FeatureExtractor,
-    data: DataConfig,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> ImageSet:
-    """Read every image of ``folder`` (``folder/<class>/...`` or flat) and extract its features."""
-    dataset = ImageFolderDataset(
-        folder, labels=data.labels, transform=build_transform(data), skip_bad=data.skip_bad, validate="header"
-    )
-    if len(dataset) < 2:
-        raise ValueError(f"{folder}: needs at least 2 images; found {len(dataset)}")
+    """Extract the features of every item of ``dataset`` (a folder opened with its transform)."""
     names = dataset.class_names
     features, labels, kept = [], [], {}
     loader = DataLoader(dataset, batch_size=batch_size)
+    folder = str(dataset.root)
     for batch in tqdm(loader, desc=f"features {Path(folder).name}", unit="batch", disable=not progress):
         images = batch["image"]
         features.append(extractor(images.to(device)).double().cpu())
@@ -75,7 +70,7 @@ def read_image_set(
             if len(held) < KEEP_PER_CLASS:
                 held.append(image)
     stacked = {name: torch.stack(images) for name, images in kept.items()}
-    return ImageSet(str(folder), dataset, torch.cat(features), tuple(labels), stacked)
+    return ImageSet(folder, dataset, torch.cat(features), tuple(labels), stacked)
 
 
 def _select(image_set: ImageSet, label: str | None) -> torch.Tensor:
@@ -99,19 +94,40 @@ def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, kid_subsets: in
     return out
 
 
-def _check_folders(real: str | Path, others: dict, data: DataConfig) -> None:
-    """Every folder holds images of the real ones' kind (2D/3D, channels), checked from headers."""
-    reference = ImageFolderDataset(real, labels=data.labels, validate="header")
-    for option, folder in others.items():
-        if folder is None:
-            continue
-        other = ImageFolderDataset(folder, validate="header")
-        if (other.spatial_dims, other.channels) != (reference.spatial_dims, reference.channels):
+def open_folders(
+    folders: dict[str, str | Path | None], data: DataConfig
+) -> tuple[dict[str, ImageFolderDataset], tuple[int, ...]]:
+    """Open every folder once (headers read), check that each holds images of the real ones' kind
+    (2D/3D, channels) and at least 2 of them, and give all one transform: ``data``, resized to
+    ``data.resize`` or else to the size of the first real image. ``data.labels`` is for the real
+    folder; the others take their classes from their subfolders. Returns the datasets and the size."""
+    datasets = {
+        name: ImageFolderDataset(
+            folder,
+            labels=data.labels if name == "real" else None,
+            transform=build_transform(data),
+            skip_bad=data.skip_bad,
+            validate="header",
+        )
+        for name, folder in folders.items()
+        if folder is not None
+    }
+    reference = datasets["real"]
+    for name, dataset in datasets.items():
+        option = f"--{name} {folders[name]}"
+        if len(dataset) < 2:
+            raise ValueError(f"{option}: needs at least 2 images; found {len(dataset)}")
+        if (dataset.spatial_dims, dataset.channels) != (reference.spatial_dims, reference.channels):
             raise ValueError(
-                f"{option} {folder}: {other.spatial_dims}D images with {other.channels} channel(s), but "
-                f"--real {real} holds {reference.spatial_dims}D with {reference.channels}; "
+                f"{option}: {dataset.spatial_dims}D images with {dataset.channels} channel(s), but "
+                f"--real {folders['real']} holds {reference.spatial_dims}D with {reference.channels}; "
                 "compare like with like"
             )
+    size = tuple(data.resize or reference[0]["image"].shape[1:])
+    transform = build_transform(data.replace(resize=size))
+    for dataset in datasets.values():
+        dataset.transform = transform
+    return datasets, size
 
 
 def evaluate(
@@ -144,16 +160,10 @@ def evaluate(
     """
     out = Path(out)
     data = data or DataConfig()
-    if data.resize is None:  # one size for every folder: that of the real images
-        probe = ImageFolderDataset(real, labels=data.labels, transform=build_transform(data))
-        if len(probe) == 0:
-            raise ValueError(f"--real {real}: no images")
-        data = data.replace(resize=tuple(probe[0]["image"].shape[1:]))
-    _check_folders(real, {"--fake": fake, "--train": train}, data)
+    datasets, image_size = open_folders({"real": real, "fake": fake, "train": train}, data)
     sets = {
-        name: read_image_set(folder, extractor, data, batch_size, device, progress)
-        for name, folder in (("real", real), ("fake", fake), ("train", train))
-        if folder is not None
+        name: read_image_set(dataset, extractor, batch_size, device, progress)
+        for name, dataset in datasets.items()
     }
     real_set, fake_set = sets["real"], sets["fake"]
     results: dict = {
@@ -162,7 +172,7 @@ def evaluate(
         "real": str(real),
         "fake": str(fake),
         "train": str(train) if train is not None else None,
-        "image_size": list(data.resize),
+        "image_size": list(image_size),
         "normalization": data.normalization,
         "medfusion_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -161,3 +161,29 @@ def test_volumes_with_a_3d_encoder(tmp_path):
     }
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4  # real and synthetic grid per class
+
+
+def test_a_labels_csv_applies_to_the_real_folder_only(folders, tmp_path):
+    """Real images flat with a path,label CSV; the synthetic folder keeps its class subfolders."""
+    real = tmp_path / "real_flat"
+    rows = ["path,label"]
+    for label in CLASSES:
+        for file in sorted((folders["real"] / label).glob("*.png")):
+            target = real / f"{label}_{file.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, target)
+            rows.append(f"{target.name},{label}")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    from medfusion.config import DataConfig
+
+    results = evaluate(
+        real,
+        folders["fake"],
+        tmp_path / "out",
+        load_extractor(folders["feat"]),
+        data=DataConfig(labels=str(csv)),
+        progress=False,
+    )
+    assert set(results["per_class"]) == set(CLASSES)
+    assert results["overall"]["n_real"] == results["overall"]["n_fake"] == 24

@@ -158,15 +158,26 @@ def _kth_neighbour_distances(x: torch.Tensor, k: int, block_size: int) -> torch.
     return torch.cat(radii)
 
 
-def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, block_size: int):
-    """For every point: inside at least one ball, and how many balls it is inside."""
+@dataclass(frozen=True)
+class _Membership:
+    """Which points lie in which k-NN balls, reduced both ways."""
+
+    inside_any: torch.Tensor  # (points,) inside at least one ball
+    counts: torch.Tensor  # (points,) how many balls contain the point
+    hit: torch.Tensor  # (centres,) the ball contains at least one point
+
+
+def _ball_membership(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, block_size: int):
+    """One block-wise pass over the point-to-centre distances (the distance matrix never whole)."""
+    edges = radii[None, :] * (1 + EDGE_TOLERANCE)
     inside_any, counts = [], []
+    hit = torch.zeros(centres.shape[0], dtype=torch.bool, device=centres.device)
     for start in range(0, points.shape[0], block_size):
-        edges = radii[None, :] * (1 + EDGE_TOLERANCE)
         inside = _distances(points[start : start + block_size], centres) <= edges  # (block, M)
         inside_any.append(inside.any(dim=1))
         counts.append(inside.sum(dim=1))
-    return torch.cat(inside_any), torch.cat(counts)
+        hit |= inside.any(dim=0)
+    return _Membership(torch.cat(inside_any), torch.cat(counts), hit)
 
 
 @dataclass(frozen=True)
@@ -189,8 +200,8 @@ def precision_recall(real, fake, k: int = 3, block_size: int = BLOCK_SIZE) -> Pr
     _same_width(x, y, "precision_recall")
     real_radii = _kth_neighbour_distances(x, k, block_size)
     fake_radii = _kth_neighbour_distances(y, k, block_size)
-    precision = _inside_any_ball(y, x, real_radii, block_size)[0].double().mean()
-    recall = _inside_any_ball(x, y, fake_radii, block_size)[0].double().mean()
+    precision = _ball_membership(y, x, real_radii, block_size).inside_any.double().mean()
+    recall = _ball_membership(x, y, fake_radii, block_size).inside_any.double().mean()
     return PrecisionRecall(float(precision), float(recall), k)
 
 
@@ -212,13 +223,9 @@ def density_coverage(real, fake, k: int = 5, block_size: int = BLOCK_SIZE) -> De
     x, y = as_features(real, "real features"), as_features(fake, "fake features")
     _same_width(x, y, "density_coverage")
     radii = _kth_neighbour_distances(x, k, block_size)
-    counts = _inside_any_ball(y, x, radii, block_size)[1]
-    covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for start in range(0, x.shape[0], block_size):
-        distances = _distances(x[start : start + block_size], y)  # (block, M)
-        edges = radii[start : start + block_size] * (1 + EDGE_TOLERANCE)
-        covered[start : start + block_size] = distances.min(dim=1).values <= edges
-    return DensityCoverage(float(counts.double().mean() / k), float(covered.double().mean()), k)
+    membership = _ball_membership(y, x, radii, block_size)
+    density = membership.counts.double().mean() / k
+    return DensityCoverage(float(density), float(membership.hit.double().mean()), k)
 
 
 def nearest_neighbours(

@@ -26,6 +26,7 @@ from medfusion.samplers.sampling import sample_latents
 from medfusion.samplers.schedulers import make_scheduler
 from medfusion.training.latents import LatentDataset, build_latent_cache, cache_fingerprint
 from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult, process_state, train
+from medfusion.training.vae import load_vae
 from medfusion.utils import atomic_write_text
 
 DIFFUSION_DIR = "diffusion"
@@ -136,18 +137,6 @@ def preview_labels(num_classes: int | None, config: PreviewConfig) -> torch.Tens
     """Labels of the preview grid: ``per_class`` of each of the first ``max_classes`` classes."""
     classes = 1 if num_classes is None else min(num_classes, config.max_classes)
     return torch.arange(classes).repeat_interleave(config.per_class)
-
-
-def load_vae(path: str | Path) -> VAE:
-    """The trained VAE of a ``train-vae`` run (``RUN/vae``), checked for a scaling factor."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path}: no trained VAE here (config.json missing); pass the vae/ folder that "
-            "`medfusion train-vae` wrote, e.g. --vae RUN/vae"
-        )
-    vae = VAE.from_pretrained(path, use_safetensors=True)
-    return vae.eval().requires_grad_(False)
 
 
 def build_diffusion_dataset(data: str | Path, config: DiffusionRunConfig, progress: bool = True):

@@ -276,6 +276,18 @@ def _finish(vae: VAE, datasets: VAEDatasets, out: Path, config: VAERunConfig, de
     )
 
 
+def load_vae(path: str | Path) -> VAE:
+    """The trained VAE of a ``train-vae`` run (``RUN/vae``), checked for a scaling factor."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: no trained VAE here (config.json missing); pass the vae/ folder that "
+            "`medfusion train-vae` wrote, e.g. --vae RUN/vae"
+        )
+    vae = VAE.from_pretrained(path, use_safetensors=True)
+    return vae.eval().requires_grad_(False)
+
+
 def evaluate_vae(
     vae_path: str | Path,
     data: str | Path,
@@ -288,8 +300,6 @@ def evaluate_vae(
     """Reconstruction metrics (PSNR, SSIM, MS-SSIM of posterior means) of the VAE at ``vae_path``
     on the images of ``data``; the data settings default to those of the VAE's run
     (``RUN/config.yaml`` beside ``RUN/vae``), without random crops or flips."""
-    from medfusion.training.diffusion import load_vae
-
     vae_path = Path(vae_path)
     vae = load_vae(vae_path).to(device)
     if data_config is None:

@@ -175,9 +175,8 @@ def _flat(settings: dict, prefix: str = "") -> dict:
 
 
 def _check_existing(out: Path, card: dict | None, digest: str, settings: SampleSettings, n: int) -> None:
-    """Refuse an output folder that holds something else than (a part of) this dataset."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+    """Refuse an output folder that holds something else than (a part of) this dataset (``out``
+    itself was checked by :func:`_check_out_path`)."""
     if card is None:
         if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
             raise ValueError(

@@ -167,9 +167,8 @@ class MedfusionPipeline:
         if len(labels) != len(seeds):
             raise ValueError(f"got {len(labels)} labels but {len(seeds)} seeds")
         label_tensor = self.label_tensor(labels)
-        conditional = label_tensor is not None and any(
-            label is not None and label != UNCONDITIONAL for label in labels
-        )
+        # all unconditional: no labels, so no guidance doubling
+        conditional = label_tensor is not None and bool((label_tensor != self.unet.null_class).any())
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         return sample_latents(
             self.denoiser,

@@ -57,6 +57,8 @@ def as_float_tensor(array) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array.float()
     array = np.asarray(array)
+    if not array.dtype.isnative:  # e.g. a big-endian NIfTI; torch takes native byte order only
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype == np.uint16 or array.dtype == np.uint32:
         array = array.astype(np.int64)  # torch has no unsigned 16/32-bit arithmetic
     if not array.flags.writeable:  # e.g. a read-only memory map; torch wants writable memory

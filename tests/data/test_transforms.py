@@ -16,6 +16,7 @@ from medfusion.data.transforms import (
     RandomFlip,
     Resample,
     Resize,
+    as_float_tensor,
 )
 
 DIMS = pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -795,3 +796,12 @@ def test_build_transform_deterministic(spatial_dims):
         assert a.origin == b.origin
         outs.append(a.array.numpy().tobytes())
     assert len(set(outs)) >= 2
+
+
+@pytest.mark.parametrize("dtype", [">i2", ">f4", ">u2"])
+def test_as_float_tensor_takes_big_endian_arrays(dtype):
+    """Big-endian data (e.g. some NIfTI files) converts with its values, not refused by torch."""
+    values = np.array([[0, 1, 300], [7, 1000, 2]])
+    array = values.astype(dtype)
+    assert not array.dtype.isnative
+    assert torch.equal(as_float_tensor(array), torch.tensor(values, dtype=torch.float32))

@@ -12,7 +12,21 @@
 ``FILE.pt``/``.ts``  a TorchScript module (also ``.pth``) mapping (N, 3, H, W) images in [0, 1] to (N, D) (a
                      TorchScript file is a program: only load files you trust)
 ``FILE.onnx``        an ONNX model of the same contract (needs ``onnxruntime``)
+``torchvision:NAME`` a torchvision classification model (``resnet50``, ``densenet121``, ``vit_b_16``,
+                     ...) without its classifier: pooled features of ImageNet-normalised images at
+                     its weights' input size. Weights from ``torchvision:NAME@FILE`` or from the
+                     file torchvision keeps in the torch hub cache (``~/.cache/torch/hub/``);
+                     never downloads. Needs torchvision (``pip install torchvision``, the build
+                     matching your torch).
+``timm:NAME``        a timm model without its classifier, with the mean, std and input size of its
+                     ``pretrained_cfg``. Weights from ``timm:NAME@FILE`` or the ``model.safetensors``
+                     of its ``hf_hub_id`` in the local Hugging Face cache; never downloads. Needs
+                     ``pip install timm`` (and torchvision).
 ==================== ===========================================================================
+
+``@FILE`` weights are ``.safetensors`` or a torch file of tensors only (read with
+``weights_only=True``: no code runs from it), loaded strictly into the whole model before its
+classifier is removed.
 
 Every extractor takes images ``(N, C, *spatial)`` in the toolkit's range [-1, 1] and returns
 float32 ``(N, D)``. :meth:`FeatureExtractor.prepare` adapts images to what a network expects:
@@ -24,8 +38,10 @@ features of each axis averaged and the three concatenated.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +58,18 @@ INCEPTION_WEIGHTS_URL = (
 )
 INCEPTION_ENV = "MEDFUSION_INCEPTION_WEIGHTS"
 ENCODER_DIR = "encoder"  # the encoder inside the run folder of medfusion features train
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_INPUT_SIZE = (224, 224)  # when torchvision weights or a timm config name none
+CLASSIFIER_NAMES = ("fc", "classifier", "heads", "head")  # where torchvision models keep theirs
+TIMM_WEIGHTS_FILE = "model.safetensors"  # what timm's Hugging Face hub repositories hold
+PROBE_SIZE = (64, 64)  # the probe image of extractors that take any size
+# torchvision's DenseNet files keep the old key names ``denselayer1.norm.1.weight``; torchvision
+# renames them (to ``norm1``) when it loads them, and so do we
+_DENSENET_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 
 class DomainEncoder(ModelMixin, ConfigMixin):
@@ -274,14 +302,20 @@ def inception_extractor(
     )
 
 
-def torchscript_extractor(path: str | Path, device: torch.device | str = "cpu") -> FeatureExtractor:
-    """A TorchScript module (N, 3, H, W) in [0, 1] -> (N, D), its D found on a probe image."""
+def torchscript_extractor(
+    path: str | Path, device: torch.device | str = "cpu", input_size: tuple[int, int] | None = None
+) -> FeatureExtractor:
+    """A TorchScript module (N, 3, H, W) in [0, 1] -> (N, D), its D found on a probe image.
+    ``input_size``: the (H, W) it takes (images are resized to it), or None for any."""
     module = torch.jit.load(str(path), map_location=device).eval()
-    return _probed(module, f"torchscript:{path}", device)
+    return _probed(module, f"torchscript:{path}", device, input_size)
 
 
-def onnx_extractor(path: str | Path, device: torch.device | str = "cpu") -> FeatureExtractor:
-    """An ONNX model (N, 3, H, W) in [0, 1] -> (N, D), run by onnxruntime on the CPU."""
+def onnx_extractor(
+    path: str | Path, device: torch.device | str = "cpu", input_size: tuple[int, int] | None = None
+) -> FeatureExtractor:
+    """An ONNX model (N, 3, H, W) in [0, 1] -> (N, D), run by onnxruntime on the CPU.
+    ``input_size``: the (H, W) it takes (images are resized to it), or None for any."""
     try:
         import onnxruntime
     except ImportError as e:
@@ -292,23 +326,242 @@ def onnx_extractor(path: str | Path, device: torch.device | str = "cpu") -> Feat
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {input_name: x.cpu().numpy()})[0])
 
-    return _probed(run, f"onnx:{path}", device)
+    return _probed(run, f"onnx:{path}", device, input_size)
 
 
-def _probed(network: Callable, name: str, device) -> FeatureExtractor:
+def _probed(
+    network: Callable, name: str, device, input_size: tuple[int, int] | None = None
+) -> FeatureExtractor:
     with torch.no_grad():
-        out = network(torch.zeros(1, 3, 64, 64, device=device))
+        out = network(torch.zeros(1, 3, *(input_size or PROBE_SIZE), device=device))
     if out.ndim < 2 or out.shape[0] != 1:
         raise ValueError(f"{name}: expected (N, D) features; got shape {tuple(out.shape)} for one image")
-    return FeatureExtractor(network, name, int(out[0].numel()), channels=3, value_range=(0.0, 1.0))
+    return FeatureExtractor(
+        network, name, int(out[0].numel()), channels=3, input_size=input_size, value_range=(0.0, 1.0)
+    )
+
+
+# --- torchvision and timm models by name ----------------------------------------------------------
+
+
+class _Normalized(nn.Module):
+    """``network`` on images in [0, 1], normalised per channel first: ``(x - mean) / std``."""
+
+    def __init__(self, network: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network((x - self.mean) / self.std)  # (N, D)
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` without running code from it: ``.safetensors``, or a torch file
+    read with ``weights_only=True``. Raises FileNotFoundError / ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"the weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, pickle and zip errors alike: the file is bad
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from e
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kind = type(state).__name__
+        raise ValueError(f"{path}: expected a state dict (parameter name -> tensor); got a {kind}")
+    return dict(state)
+
+
+def _load_strictly(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, name: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = str(e) if len(str(e)) <= 1000 else str(e)[:1000] + " ..."
+        raise ValueError(f"{path}: the weights do not fit {name}: {detail}") from e
+
+
+def _remove_classifier(model: nn.Module, name: str) -> None:
+    """Replace the final Linear of ``model``'s classifier (``fc``, ``classifier``, ``heads``,
+    ``head``; in a Sequential, its last Linear) by an identity: the model returns pooled features."""
+    for attribute in CLASSIFIER_NAMES:
+        head = getattr(model, attribute, None)
+        if isinstance(head, nn.Linear):
+            setattr(model, attribute, nn.Identity())
+            return
+        if isinstance(head, nn.Sequential):
+            linear = [i for i, layer in enumerate(head) if isinstance(layer, nn.Linear)]
+            if linear:
+                head[linear[-1]] = nn.Identity()
+                return
+    raise ValueError(
+        f"{name}: found no classifier to remove (looked for a Linear, or a Sequential with one, in "
+        f"{', '.join(CLASSIFIER_NAMES)}); use a TorchScript file of the feature network instead"
+    )
+
+
+def _named_spec(spec: str) -> tuple[str, Path | None]:
+    """``KIND:NAME`` or ``KIND:NAME@FILE`` -> (NAME, FILE or None)."""
+    kind, _, rest = spec.partition(":")
+    name, at, weights = rest.partition("@")
+    if not name or (at and not weights):
+        raise ValueError(f"--features {spec!r}: expected {kind}:NAME or {kind}:NAME@WEIGHTS_FILE")
+    return name, Path(weights) if weights else None
+
+
+def _import_torchvision_models(spec: str):
+    try:
+        from torchvision import models
+    except (ImportError, RuntimeError) as e:  # RuntimeError: a torchvision built for another torch
+        raise ImportError(
+            f"--features {spec} needs torchvision: pip install torchvision, the build that matches "
+            f"your torch {torch.__version__} (see https://pytorch.org/get-started/locally/) ({e})"
+        ) from e
+    return models
+
+
+def torchvision_weights_path(name: str, url: str) -> Path:
+    """Where torchvision keeps the weights file of ``url``: the torch hub cache
+    (``~/.cache/torch/hub/checkpoints/``). Raises FileNotFoundError (saying where to get it)."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    if path.is_file():
+        return path
+    raise FileNotFoundError(
+        f"the weights of torchvision:{name} are not here: {path}. Download {url} on a machine with "
+        f"internet and copy it to {path}, or name the file: --features torchvision:{name}@FILE. "
+        "Nothing is downloaded at run time."
+    )
+
+
+def _torchvision_input_size(default_weights) -> tuple[int, int]:
+    """(H, W) of the crop in the transforms of torchvision weights; 224 x 224 when they name none."""
+    try:
+        crop = default_weights.transforms().crop_size
+    except (AttributeError, TypeError):
+        return IMAGENET_INPUT_SIZE
+    crop = [crop] if isinstance(crop, int) else list(crop)
+    return (int(crop[0]), int(crop[-1])) if crop else IMAGENET_INPUT_SIZE
+
+
+def torchvision_extractor(
+    name: str, weights: str | Path | None = None, device: torch.device | str = "cpu"
+) -> FeatureExtractor:
+    """A torchvision classification model without its classifier: pooled features of images
+    normalised with the ImageNet mean and std, resized (not cropped) to its weights' input size.
+
+    Args:
+        name: a torchvision model name (``torchvision.models.list_models()``), e.g. ``resnet50``.
+        weights: a state dict file (``.safetensors`` or a torch file of tensors); by default the
+            file of the model's DEFAULT weights in the torch hub cache. Never downloads.
+        device: where the network runs.
+
+    Returns:
+        an extractor named ``torchvision:NAME``: (N, C, H, W) in [-1, 1] -> (N, D).
+    """
+    spec = f"torchvision:{name}"
+    models = _import_torchvision_models(spec)
+    try:
+        default_weights = models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError) as e:
+        if weights is None:
+            raise ValueError(
+                f"--features {spec}: torchvision names no default weights for it ({e}); name a "
+                f"weights file: --features {spec}@FILE"
+            ) from e
+        default_weights = None
+    path = Path(weights) if weights else torchvision_weights_path(name, default_weights.url)
+    state = {_legacy_densenet_key(key): value for key, value in load_weights_file(path).items()}
+    model = models.get_model(name, weights=None)
+    _load_strictly(model, state, path, spec)
+    if hasattr(model, "transform_input"):  # GoogLeNet, Inception-v3: torchvision sets it with weights
+        model.transform_input = True
+    _remove_classifier(model, spec)
+    network = _Normalized(model, IMAGENET_MEAN, IMAGENET_STD).eval().requires_grad_(False).to(device)
+    return _probed(network, spec, device, _torchvision_input_size(default_weights))
+
+
+def _legacy_densenet_key(key: str) -> str:
+    match = _DENSENET_LEGACY_KEY.match(key)
+    return match.group(1) + match.group(2) if match else key
+
+
+def timm_cached_weights(name: str, hf_hub_id: str | None) -> Path:
+    """The ``model.safetensors`` of ``hf_hub_id`` (``repo`` or ``repo@revision``) in the local
+    Hugging Face cache. Raises FileNotFoundError (saying how to fetch it) when it is not there."""
+    spec = f"timm:{name}"
+    if not hf_hub_id:
+        raise FileNotFoundError(
+            f"--features {spec}: its pretrained_cfg names no Hugging Face hub repository; name a "
+            f"weights file: --features {spec}@FILE"
+        )
+    import huggingface_hub
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    repo_id, _, revision = hf_hub_id.partition("@")
+    found = huggingface_hub.try_to_load_from_cache(repo_id, TIMM_WEIGHTS_FILE, revision=revision or None)
+    if isinstance(found, str) and Path(found).is_file():
+        return Path(found)
+    raise FileNotFoundError(
+        f"the weights of {spec} ({TIMM_WEIGHTS_FILE} of the Hugging Face repository {repo_id}) are "
+        f"not in the local Hugging Face cache {HF_HUB_CACHE}. On a machine with internet run "
+        f"`hf download {repo_id} {TIMM_WEIGHTS_FILE}` and copy its cache folder here (or point "
+        f"$HF_HUB_CACHE at it), or copy the file and name it: --features {spec}@FILE. Nothing is "
+        "downloaded at run time."
+    )
+
+
+def timm_extractor(
+    name: str, weights: str | Path | None = None, device: torch.device | str = "cpu"
+) -> FeatureExtractor:
+    """A timm model without its classifier (``reset_classifier(0)``): pooled features of images
+    normalised with the mean and std of its ``pretrained_cfg``, resized to its input size.
+
+    Args:
+        name: a timm model name (``timm.list_models()``), e.g. ``resnet50.a1_in1k``.
+        weights: a state dict file (``.safetensors`` or a torch file of tensors); by default the
+            ``model.safetensors`` of its ``hf_hub_id`` in the local Hugging Face cache. Never downloads.
+        device: where the network runs.
+
+    Returns:
+        an extractor named ``timm:NAME``: (N, C, H, W) in [-1, 1] -> (N, D).
+    """
+    spec = f"timm:{name}"
+    if name.startswith("hf-hub:"):  # timm would download its config
+        raise ValueError(f"--features {spec}: name the model by its timm name, not hf-hub:")
+    try:
+        import timm
+    except (ImportError, RuntimeError) as e:
+        raise ImportError(
+            f"--features {spec} needs timm: pip install timm (it needs torchvision: the build that "
+            f"matches your torch {torch.__version__}) ({e})"
+        ) from e
+    model = timm.create_model(name, pretrained=False)
+    config = dict(model.pretrained_cfg)
+    path = Path(weights) if weights else timm_cached_weights(name, config.get("hf_hub_id"))
+    _load_strictly(model, load_weights_file(path), path, spec)
+    model.reset_classifier(0)
+    mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+    input_size = tuple(int(s) for s in config.get("input_size", (3, *IMAGENET_INPUT_SIZE))[-2:])
+    network = _Normalized(model, mean, std).eval().requires_grad_(False).to(device)
+    return _probed(network, spec, device, input_size)
 
 
 def load_extractor(spec: str | Path, device: torch.device | str = "cpu") -> FeatureExtractor:
-    """The extractor ``spec`` names: ``inception``, a domain encoder folder (``FEAT`` or
-    ``FEAT/encoder``), or a ``.pt``/``.ts``/``.onnx`` file."""
+    """The extractor ``spec`` names: ``inception``, ``torchvision:NAME[@FILE]``,
+    ``timm:NAME[@FILE]``, a domain encoder folder (``FEAT`` or ``FEAT/encoder``), or a
+    ``.pt``/``.ts``/``.pth``/``.onnx`` file."""
     spec_text = str(spec)
     if spec_text == "inception":
         return inception_extractor(device=device)
+    if spec_text.startswith("torchvision:"):
+        return torchvision_extractor(*_named_spec(spec_text), device=device)
+    if spec_text.startswith("timm:"):
+        return timm_extractor(*_named_spec(spec_text), device=device)
     path = Path(spec_text)
     if path.is_dir():
         return domain_extractor(path, device)
@@ -316,6 +569,8 @@ def load_extractor(spec: str | Path, device: torch.device | str = "cpu") -> Feat
         return torchscript_extractor(path, device)
     if path.is_file() and path.suffix == ".onnx":
         return onnx_extractor(path, device)
+    missing = "no such file or folder; " if not path.exists() else ""
     raise ValueError(
-        f"--features {spec_text!r}: not 'inception', a domain encoder folder, or a .pt/.ts/.onnx file"
+        f"--features {spec_text!r}: {missing}expected 'inception', 'torchvision:NAME[@FILE]', "
+        "'timm:NAME[@FILE]', a domain encoder folder, or a .pt/.ts/.pth/.onnx file"
     )

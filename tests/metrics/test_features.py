@@ -1,21 +1,30 @@
 """Tests of the feature extractors of the distribution metrics: the domain encoder, the image
 preparation (channels, size, value range), 2.5D features of volumes under a 2D network, and the
-loaders by name or path (domain encoder folders, Inception from local weights, TorchScript, ONNX)."""
+loaders by name or path (domain encoder folders, Inception from local weights, TorchScript, ONNX,
+torchvision and timm models by name, tested with stand-in packages since neither is installed)."""
 
 from __future__ import annotations
 
 import importlib.util
 import socket
+import sys
 import time
+import types
+from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from medfusion.metrics.features import (
     ENCODER_DIR,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     INCEPTION_ENV,
     INCEPTION_WEIGHTS_FILE,
+    TIMM_WEIGHTS_FILE,
     DomainEncoder,
     FeatureExtractor,
     domain_extractor,
@@ -24,7 +33,11 @@ from medfusion.metrics.features import (
     inception_weights_path,
     load_extractor,
     slices_25d,
+    timm_extractor,
+    torchscript_extractor,
+    torchvision_extractor,
 )
+from medfusion.nn.layers import conv_nd
 
 JIT_DEPRECATED = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
 TINY = {"block_out_channels": (8, 16), "norm_num_groups": 4, "num_features": 16}
@@ -288,19 +301,25 @@ def test_domain_extractor_refuses_a_folder_without_an_encoder(tmp_path):
 
 
 @pytest.fixture
-def no_inception_weights(monkeypatch, tmp_path):
-    """No weights anywhere: no environment variable, an empty torch hub cache, no network."""
-    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+def offline_hub(monkeypatch, tmp_path) -> Path:
+    """An empty torch hub cache (its folder returned) and no network."""
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
 
     def no_network(*args, **kwargs):
-        raise AssertionError("the inception loader must not touch the network")
+        raise AssertionError("the loaders must not touch the network")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    return hub / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    return hub
+
+
+@pytest.fixture
+def no_inception_weights(monkeypatch, offline_hub):
+    """No weights anywhere: no environment variable, an empty torch hub cache, no network."""
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    return offline_hub / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
 def test_inception_weights_missing_says_what_and_where(no_inception_weights):
@@ -419,3 +438,361 @@ def test_extractor_output_is_float32_for_a_half_precision_network():
     assert features.dtype == torch.float32 and features.shape == (2, 5)
     with torch.no_grad():
         assert torch.allclose(features, network(x.expand(-1, 3, -1, -1)), atol=5e-2)
+
+
+@JIT_DEPRECATED
+def test_torchscript_extractor_with_an_input_size(tmp_path):
+    torch.manual_seed(0)
+    module = torch.jit.script(_TinyScripted().eval())
+    path = tmp_path / "net.pt"
+    torch.jit.save(module, str(path))
+    extractor = torchscript_extractor(path, input_size=(24, 20))
+    assert extractor.input_size == (24, 20) and extractor.num_features == 5
+    assert extractor.prepare(_images(2, 1, 16, 16)).shape == (2, 3, 24, 20)
+
+
+# --- torchvision and timm models by name (stand-in packages) ------------------------------------
+
+TV_URL = "https://download.example.org/models/tinynet-0123abcd.pth"
+TV_FILE = "tinynet-0123abcd.pth"
+HF_REPO = "timm/tinynet.test"
+
+
+class _TinyClassifier(nn.Module):
+    """A stand-in classifier: conv -> batch norm -> ReLU -> mean pool (6 features) -> its head
+    (``fc`` Linear, a ``classifier`` Sequential, or ``out``: none torchvision knows). Records the
+    shapes it is called on."""
+
+    def __init__(self, head: str = "fc", seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = conv_nd(2, 3, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(6)
+        self.norm.running_mean.uniform_(-0.5, 0.5)  # statistics of its own: loading must copy them
+        self.norm.running_var.uniform_(0.5, 2.0)
+        self.head_name = head
+        if head == "classifier":
+            self.classifier = nn.Sequential(nn.Dropout(0.0), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 10))
+        else:
+            setattr(self, head, nn.Linear(6, 10))
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape))
+        h = torch.relu(self.norm(self.conv(x))).mean((2, 3))  # (N, 6)
+        return getattr(self, self.head_name)(h)
+
+    def headless(self) -> _TinyClassifier:
+        """Itself without its classifier's last Linear, in eval mode."""
+        if self.head_name == "classifier":
+            self.classifier[-1] = nn.Identity()
+        else:
+            setattr(self, self.head_name, nn.Identity())
+        return self.eval()
+
+
+def _normalised(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Images in [-1, 1] as the wrapped network takes them: 3 channels, [0, 1], normalised."""
+    x = (x.expand(-1, 3, *x.shape[2:]) + 1) / 2
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.fixture
+def fake_torchvision(monkeypatch):
+    """torchvision.models as a stand-in: ``get_model`` calls ``fake_torchvision.build`` (a fresh
+    :class:`_TinyClassifier`, seed 0, with the head named by ``fake_torchvision.head``) and keeps
+    the model in ``fake_torchvision.built``; the DEFAULT weights name :data:`TV_URL` and a crop of
+    ``fake_torchvision.crop_size``."""
+    models = types.ModuleType("torchvision.models")
+    models.head, models.built, models.crop_size = "fc", [], [32]
+    models.build = lambda: _TinyClassifier(models.head, seed=0)
+
+    def get_model(name, weights=None, **kwargs):
+        assert weights is None and not kwargs, "the loader must build the model without weights"
+        if name != "tinynet":
+            raise ValueError(f"Unknown model {name}")
+        models.built.append(models.build())
+        return models.built[-1]
+
+    def get_state_dict(*args, **kwargs):
+        raise AssertionError("the loader must not let torchvision download weights")
+
+    def get_model_weights(name):
+        if name != "tinynet":
+            raise ValueError(f"Unknown model {name}")
+        transforms = (lambda: types.SimpleNamespace(crop_size=models.crop_size)) if models.crop_size else None
+        default = types.SimpleNamespace(url=TV_URL, transforms=transforms, get_state_dict=get_state_dict)
+        return types.SimpleNamespace(DEFAULT=default)
+
+    models.get_model, models.get_model_weights = get_model, get_model_weights
+    package = types.ModuleType("torchvision")
+    package.models = models
+    monkeypatch.setitem(sys.modules, "torchvision", package)
+    monkeypatch.setitem(sys.modules, "torchvision.models", models)
+    return models
+
+
+def _save_weights(model: nn.Module, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def test_torchvision_extractor_from_the_hub_cache_gives_headless_normalised_features(
+    fake_torchvision, offline_hub
+):
+    trained = _TinyClassifier(seed=1)
+    _save_weights(trained, offline_hub / "checkpoints" / TV_FILE)
+    extractor = load_extractor("torchvision:tinynet")
+    assert extractor.name == "torchvision:tinynet" and extractor.num_features == 6
+    assert extractor.channels == 3 and extractor.input_size == (32, 32)
+    assert extractor.value_range == (0.0, 1.0) and extractor.spatial_dims == 2
+    model = fake_torchvision.built[-1]
+    assert isinstance(model.fc, nn.Identity) and not model.training
+    assert model.seen == [(1, 3, 32, 32)]  # the probe, at the crop size of the weights
+    for channels in (1, 3):  # grayscale is repeated into three channels
+        x = _images(3, channels, 32, 32, seed=channels)
+        features = extractor(x)
+        assert features.shape == (3, 6) and features.dtype == torch.float32
+        with torch.no_grad():
+            expected = trained.headless()(_normalised(x, IMAGENET_MEAN, IMAGENET_STD))
+        assert torch.allclose(features, expected, atol=1e-5)
+    assert extractor(_images(2, 1, 16, 16)).shape == (2, 6) and model.seen[-1] == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_torchvision_extractor_from_a_named_file(fake_torchvision, offline_hub, tmp_path, suffix):
+    fake_torchvision.head = "classifier"
+    trained = _TinyClassifier("classifier", seed=2)
+    path = _save_weights(trained, tmp_path / "mine @ home" / f"weights{suffix}")
+    extractor = load_extractor(f"torchvision:tinynet@{path}")
+    assert extractor.num_features == 4  # a Sequential classifier loses only its last Linear
+    model = fake_torchvision.built[-1]
+    assert isinstance(model.classifier[-1], nn.Identity) and isinstance(model.classifier[1], nn.Linear)
+    x = _images(2, 3, 32, 32, seed=7)
+    with torch.no_grad():
+        expected = trained.headless()(_normalised(x, IMAGENET_MEAN, IMAGENET_STD))
+    assert torch.allclose(extractor(x), expected, atol=1e-5)
+    assert not (offline_hub / "checkpoints").exists()  # the hub cache is not looked into or made
+
+
+def test_torchvision_extractor_renames_the_legacy_densenet_keys(fake_torchvision, tmp_path):
+    class Dense(_TinyClassifier):
+        def __init__(self, seed: int = 0):
+            super().__init__("classifier", seed)
+            self.denselayer1 = nn.Module()
+            self.denselayer1.norm1 = nn.BatchNorm2d(2)
+
+    fake_torchvision.head = "classifier"
+    fake_torchvision.build = Dense
+    trained = Dense(seed=3)
+    state = {k.replace("norm1.", "norm.1."): v for k, v in trained.state_dict().items()}
+    assert "denselayer1.norm.1.running_mean" in state
+    torch.save(state, tmp_path / "densenet.pth")
+    torchvision_extractor("tinynet", tmp_path / "densenet.pth")
+    loaded = fake_torchvision.built[-1].denselayer1.norm1
+    assert torch.equal(loaded.running_mean, trained.denselayer1.norm1.running_mean)
+
+
+def test_torchvision_extractor_sets_transform_input_as_torchvision_does_with_weights(
+    fake_torchvision, offline_hub
+):
+    class Inception(_TinyClassifier):
+        transform_input = False  # GoogLeNet and Inception-v3 built without weights
+
+    fake_torchvision.build = Inception
+    _save_weights(Inception(seed=1), offline_hub / "checkpoints" / TV_FILE)
+    torchvision_extractor("tinynet")
+    assert fake_torchvision.built[-1].transform_input is True
+
+
+def test_torchvision_input_size_is_224_when_the_weights_name_no_crop(fake_torchvision, offline_hub):
+    fake_torchvision.crop_size = None
+    _save_weights(_TinyClassifier(seed=1), offline_hub / "checkpoints" / TV_FILE)
+    extractor = torchvision_extractor("tinynet")
+    assert extractor.input_size == (224, 224) and fake_torchvision.built[-1].seen == [(1, 3, 224, 224)]
+
+
+def test_torchvision_extractor_over_volumes_gives_25d_features(fake_torchvision, offline_hub):
+    _save_weights(_TinyClassifier(seed=1), offline_hub / "checkpoints" / TV_FILE)
+    extractor = load_extractor("torchvision:tinynet")
+    volumes = _images(2, 1, 16, 16, 16, seed=8)
+    features = extractor(volumes)
+    assert features.shape == (2, 18) and extractor.output_features(volumes) == 18
+    assert torch.isfinite(features).all()
+
+
+def test_torchvision_weights_missing_says_what_and_where_without_the_network(fake_torchvision, offline_hub):
+    expected = offline_hub / "checkpoints" / TV_FILE
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as info:
+        load_extractor("torchvision:tinynet")
+    assert time.perf_counter() - start < 2.0
+    message = str(info.value)
+    assert str(expected) in message and TV_URL in message and "torchvision:tinynet@FILE" in message
+    assert not fake_torchvision.built  # it failed before building the model
+    assert not expected.parent.exists()  # nothing was downloaded or created
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth"):
+        load_extractor("torchvision:tinynet@nowhere.pth")
+
+
+def test_torchvision_weights_that_do_not_fit_name_the_file(fake_torchvision, offline_hub, tmp_path):
+    state = {f"renamed.{k}": v for k, v in _TinyClassifier(seed=1).state_dict().items()}
+    wrong_keys = tmp_path / "wrong_keys.pth"
+    torch.save(state, wrong_keys)
+    with pytest.raises(ValueError, match=r"wrong_keys\.pth: the weights do not fit torchvision:tinynet"):
+        load_extractor(f"torchvision:tinynet@{wrong_keys}")
+    wrong_shapes = _save_weights(_TinyClassifier("classifier"), tmp_path / "wrong_shapes.safetensors")
+    with pytest.raises(ValueError, match=r"wrong_shapes\.safetensors: the weights do not fit"):
+        torchvision_extractor("tinynet", wrong_shapes)
+    not_a_state_dict = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], not_a_state_dict)
+    with pytest.raises(ValueError, match=r"list\.pth: expected a state dict"):
+        torchvision_extractor("tinynet", not_a_state_dict)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not really weights")
+    with pytest.raises(ValueError, match=r"garbage\.safetensors: not a readable weights file"):
+        torchvision_extractor("tinynet", garbage)
+
+
+def test_torchvision_model_without_a_known_classifier_is_refused(fake_torchvision, offline_hub):
+    fake_torchvision.head = "out"
+    _save_weights(_TinyClassifier("out", seed=1), offline_hub / "checkpoints" / TV_FILE)
+    with pytest.raises(ValueError, match=r"torchvision:tinynet: found no classifier to remove") as info:
+        load_extractor("torchvision:tinynet")
+    assert "fc, classifier, heads, head" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("torchvision:", "expected torchvision:NAME or torchvision:NAME@WEIGHTS_FILE"),
+        ("torchvision:tinynet@", "expected torchvision:NAME"),
+        ("timm:@weights.pth", "expected timm:NAME or timm:NAME@WEIGHTS_FILE"),
+        ("torchvision:nonet", "torchvision names no default weights"),
+    ],
+)
+def test_named_specs_are_checked(fake_torchvision, offline_hub, spec, message):
+    with pytest.raises(ValueError, match=message):
+        load_extractor(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "modules", "message"),
+    [
+        ("torchvision:resnet18", ("torchvision", "torchvision.models"), "pip install torchvision"),
+        ("timm:resnet18", ("timm",), "pip install timm"),
+    ],
+)
+def test_named_extractors_without_their_package_say_what_to_install(monkeypatch, spec, modules, message):
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=message) as info:
+        load_extractor(spec)
+    assert spec in str(info.value)
+
+
+@pytest.fixture
+def fake_timm(monkeypatch):
+    """timm and the Hugging Face cache as stand-ins: ``create_model`` builds a
+    :class:`_TinyClassifier` (seed 0) with a ``pretrained_cfg`` and ``reset_classifier``;
+    ``fake_timm.cache`` maps (repo, file) to the path ``try_to_load_from_cache`` returns."""
+    timm = types.ModuleType("timm")
+    timm.built, timm.cache, timm.lookups = [], {}, []
+    config = {
+        "hf_hub_id": HF_REPO,
+        "mean": (0.5, 0.4, 0.3),
+        "std": (0.2, 0.25, 0.3),
+        "input_size": (3, 24, 20),
+    }
+
+    class TimmTiny(_TinyClassifier):
+        pretrained_cfg = config
+
+        def reset_classifier(self, num_classes: int) -> None:
+            self.reset_to = num_classes
+            self.fc = nn.Identity()
+
+    def create_model(name, pretrained=True, **kwargs):
+        assert pretrained is False and not kwargs, "the loader must build the model without weights"
+        timm.built.append(TimmTiny(seed=0))
+        return timm.built[-1]
+
+    def try_to_load_from_cache(repo_id, filename, cache_dir=None, revision=None, repo_type=None):
+        timm.lookups.append((repo_id, filename, revision))
+        return timm.cache.get((repo_id, filename))
+
+    timm.create_model, timm.TimmTiny, timm.config = create_model, TimmTiny, config
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", try_to_load_from_cache)
+    return timm
+
+
+def test_timm_extractor_from_the_hugging_face_cache_honours_its_pretrained_cfg(
+    fake_timm, offline_hub, tmp_path
+):
+    trained = fake_timm.TimmTiny(seed=4)
+    fake_timm.cache[(HF_REPO, TIMM_WEIGHTS_FILE)] = str(
+        _save_weights(trained, tmp_path / "hf" / "snapshots" / "abc" / TIMM_WEIGHTS_FILE)
+    )
+    extractor = load_extractor("timm:tinynet.test")
+    assert fake_timm.lookups == [(HF_REPO, TIMM_WEIGHTS_FILE, None)]
+    assert extractor.name == "timm:tinynet.test" and extractor.num_features == 6
+    assert extractor.input_size == (24, 20) and extractor.channels == 3
+    model = fake_timm.built[-1]
+    assert model.reset_to == 0 and not model.training
+    assert model.seen == [(1, 3, 24, 20)]  # the probe, at the input size of the pretrained_cfg
+    x = _images(3, 1, 24, 20, seed=9)
+    with torch.no_grad():
+        expected = trained.headless()(_normalised(x, fake_timm.config["mean"], fake_timm.config["std"]))
+    assert torch.allclose(extractor(x), expected, atol=1e-5)
+    extractor(_images(2, 1, 16, 16))
+    assert model.seen[-1] == (2, 3, 24, 20)  # other sizes are resized
+    assert extractor(_images(2, 1, 16, 16, 16)).shape == (2, 18)  # volumes: 2.5D
+
+
+def test_timm_extractor_from_a_named_file(fake_timm, offline_hub, tmp_path):
+    trained = fake_timm.TimmTiny(seed=5)
+    path = _save_weights(trained, tmp_path / "timm.pth")
+    extractor = timm_extractor("tinynet.test", path)
+    assert not fake_timm.lookups  # the cache is not asked
+    x = _images(2, 3, 24, 20, seed=10)
+    with torch.no_grad():
+        expected = trained.headless()(_normalised(x, fake_timm.config["mean"], fake_timm.config["std"]))
+    assert torch.allclose(extractor(x), expected, atol=1e-5)
+    broken = tmp_path / "broken.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, broken)
+    with pytest.raises(ValueError, match=r"broken\.pth: the weights do not fit timm:tinynet\.test"):
+        timm_extractor("tinynet.test", broken)
+
+
+@pytest.mark.parametrize("cached", [None, "no-exist"])
+def test_timm_weights_missing_say_which_repository_and_how_to_fetch_them(fake_timm, offline_hub, cached):
+    if cached:  # the cache knows the file is not in the repository
+        fake_timm.cache[(HF_REPO, TIMM_WEIGHTS_FILE)] = huggingface_hub.file_download._CACHED_NO_EXIST
+    with pytest.raises(FileNotFoundError) as info:
+        load_extractor("timm:tinynet.test")
+    message = str(info.value)
+    for part in (
+        HF_REPO,
+        TIMM_WEIGHTS_FILE,
+        f"hf download {HF_REPO} {TIMM_WEIGHTS_FILE}",
+        "timm:tinynet.test@FILE",
+    ):
+        assert part in message, message
+
+
+def test_timm_weights_revision_and_models_without_a_hub_id(fake_timm, offline_hub):
+    fake_timm.config["hf_hub_id"] = f"{HF_REPO}@v2"
+    with pytest.raises(FileNotFoundError, match=HF_REPO):
+        timm_extractor("tinynet.test")
+    assert fake_timm.lookups == [(HF_REPO, TIMM_WEIGHTS_FILE, "v2")]
+    fake_timm.config["hf_hub_id"] = None
+    with pytest.raises(FileNotFoundError, match="names no Hugging Face hub repository"):
+        timm_extractor("tinynet.test")
+    with pytest.raises(ValueError, match="not hf-hub:"):
+        load_extractor("timm:hf-hub:timm/tinynet.test")

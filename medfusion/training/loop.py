@@ -388,6 +388,50 @@ def _load_checkpoint(
     return int(trainer["step"])
 
 
+def measure_step_seconds(
+    task: TrainingTask, batch: dict, config: TrainConfig, repeats: int = 3, warmup: int = 1
+) -> float:
+    """Seconds one optimizer step of ``task`` takes on ``batch`` here: forward, backward and AdamW
+    step of every module it trains, under ``config.mixed_precision``, on this process's device,
+    timed over ``repeats`` steps after ``warmup`` untimed ones.
+
+    What a planner needs to fit a run into a time budget (``medfusion demo``). The task's modules
+    are trained in place by the probe: pass a throwaway task, not the one to train.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0; got {repeats} and {warmup}")
+    accelerator = Accelerator(cpu=cpu_only(), mixed_precision=config.mixed_precision)
+    modules = task.modules()
+    task.setup(accelerator)
+    for module in modules.values():
+        module.to(accelerator.device).train()
+    optimizers = {
+        name: torch.optim.AdamW(module.parameters(), lr=task.learning_rate(name, config.learning_rate))
+        for name, module in modules.items()
+    }
+    batch = _to_device(batch, accelerator.device)
+
+    def step() -> None:
+        with accelerator.autocast():
+            for name, loss, _ in task.training_step(modules, batch, 0):
+                loss.backward()
+                optimizers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
+
+    def synchronize() -> None:
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize(accelerator.device)
+
+    for _ in range(warmup):
+        step()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
 def train(
     task: TrainingTask,
     dataset: Dataset,

@@ -9,7 +9,7 @@ import torch
 from _training_helpers import RetinaCrops, tiny_vae
 
 from medfusion.autoencoders.losses import VAELoss, VAELossConfig
-from medfusion.training.loop import EpochSampler, TrainConfig, TrainingError, train
+from medfusion.training.loop import EpochSampler, TrainConfig, TrainingError, measure_step_seconds, train
 from medfusion.training.state_io import CheckpointError, load_state
 from medfusion.training.vae import VAETask
 
@@ -209,3 +209,16 @@ def test_train_config_validation():
         TrainConfig(lr_schedule="exponential")
     with pytest.raises(ValueError, match=r"train\.ema_decay"):
         TrainConfig(ema_decay=1.0)
+
+
+def test_measure_step_seconds_times_real_optimizer_steps():
+    """The probe runs forward, backward and an optimizer step of every trained module."""
+    task = _task()
+    before = {k: v.clone() for k, v in task.vae.state_dict().items()}
+    batch = {"image": torch.rand(2, 1, 16, 16) * 2 - 1}
+    seconds = measure_step_seconds(task, batch, BASE, repeats=2)
+    assert 0 < seconds < 60
+    after = task.vae.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
+    with pytest.raises(ValueError, match="repeats"):
+        measure_step_seconds(task, batch, BASE, repeats=0)

@@ -47,6 +47,31 @@ def _data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from medfusion.demo import run_demo
+    from medfusion.metrics.evaluate import headline
+
+    result = run_demo(
+        args.out,
+        three_d=args.three_d,
+        dataset=args.dataset,
+        minutes=args.minutes,
+        data_dir=args.data_dir,
+        device=args.device,
+        force=args.force,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(f"\ndemo finished in {result.seconds / 60:.1f} min")
+    print(f"  {headline(result.metrics)}")
+    for label, values in result.metrics["per_class"].items():
+        print(f"    {label}: FID {values['fid']:.4g}, precision {values['precision']:.3f}, "
+              f"recall {values['recall']:.3f}")  # fmt: skip
+    print(f"  report: {result.report.resolve()}")
+    print(f"  model folder: {result.out / 'model'} (medfusion sample {result.out / 'model'} --n N --out DIR)")
+    return 0
+
+
 def _parse_overrides(pairs: Sequence[str]) -> dict:
     """``section.key=value`` pairs (values parsed as YAML) as a nested dict."""
     import yaml
@@ -215,9 +240,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         features = args.out / "features"
         if not (features / ENCODER_DIR / "config.json").is_file():
             print(f"# no --features: training a domain encoder on {args.real} into {features}")
+            from medfusion.data.discovery import discover
+
             config = FeaturesRunConfig(data=data)
+            train_settings = config.train.to_dict()
             if args.feature_steps is not None:
-                config = config.replace(train={**config.train.to_dict(), "max_steps": args.feature_steps})
+                train_settings["max_steps"] = args.feature_steps
+            real_count = len(discover(args.real, args.labels).samples)
+            if real_count < train_settings["batch_size"]:  # a small real set: one batch holds it all
+                train_settings["batch_size"] = max(2, real_count)
+            config = config.replace(train=train_settings)
             train_domain_encoder(
                 args.real,
                 features,
@@ -325,6 +357,42 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_data_demo)
 
+    from medfusion.demo import DATASET_3D, DATASETS_2D, DEFAULT_MINUTES
+
+    demo_run = commands.add_parser(
+        "demo",
+        help="the whole pipeline on the bundled real data, ending in an HTML report",
+        description="Build the bundled demo data, inspect it, train the VAE and the class-conditional "
+        "latent diffusion U-Net, sample a synthetic dataset, train the domain feature extractor and "
+        "evaluate: OUT/report.html. The training stages are planned to fit --minutes on this machine "
+        '(small models on a CPU, larger ones on a GPU). Needs the demo extra: pip install "medfusion[demo]".',
+    )
+    demo_run.add_argument(
+        "--out", type=Path, default=Path("medfusion-demo"), help="run folder (default: ./medfusion-demo)"
+    )
+    demo_run.add_argument(
+        "--3d", dest="three_d", action="store_true", help=f"the 3D demo ({DATASET_3D}: MRI volumes)"
+    )
+    demo_run.add_argument(
+        "--dataset",
+        choices=(*DATASETS_2D, DATASET_3D),
+        help=f"bundled dataset (default {DATASETS_2D[0]}; {DATASETS_2D[1]}: fundus and histology)",
+    )
+    demo_run.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_MINUTES,
+        help=f"time budget the training is planned to (default {DEFAULT_MINUTES:g})",
+    )
+    demo_run.add_argument(
+        "--data-dir", type=Path, help="demo data cache (default: ~/.cache/medfusion/demo-data)"
+    )
+    demo_run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    demo_run.add_argument("--seed", type=int, default=0, help="seed of the data, training and sampling")
+    demo_run.add_argument("--force", action="store_true", help="replace an earlier demo run in --out")
+    demo_run.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo_run.set_defaults(run=_demo)
+
     vae = commands.add_parser(
         "train-vae",
         help="train the autoencoder that maps images/volumes to latents",
@@ -387,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder")
     evaluate.add_argument(
         "--features",
-        help="FEAT (from medfusion features train), 'inception' (local weights), or a .pt/.ts/.onnx file",
+        help="FEAT (from medfusion features train), 'inception', 'torchvision:NAME[@FILE]', "
+        "'timm:NAME[@FILE]' (weights from local files), or a .pt/.ts/.onnx file; default: a domain "
+        "encoder trained on --real into OUT/features",
     )
     evaluate.add_argument("--feature-steps", type=int, help="training steps of the default domain encoder")
     evaluate.add_argument(
@@ -499,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train": " (continue from the last checkpoint with --resume)",
             "train-vae": " (continue from the last checkpoint with --resume)",
             "features": " (continue from the last checkpoint with --resume)",
+            "demo": " (run it again with --force to start over)",
         }
         print(f"medfusion: interrupted{hints.get(args.command, '')}", file=sys.stderr)
         return 130

@@ -143,6 +143,7 @@ def evaluate(
     quantile: float = 0.01,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    pipeline: dict | None = None,
 ) -> dict:
     """Compare the synthetic folder ``fake`` with the real folder ``real``; write ``out/metrics.json``
     and ``out/report.html``. Returns the metrics (what ``metrics.json`` holds).
@@ -157,6 +158,8 @@ def evaluate(
             the size of the first real image.
         kid_subsets: subsets of the KID estimate.
         quantile: of the held-out distances, for the memorisation audit.
+        pipeline: how the synthetic images were made (e.g. ``medfusion demo``'s stages with their
+            timings), kept in ``metrics.json`` and shown in the report.
     """
     out = Path(out)
     data = data or DataConfig()
@@ -189,6 +192,8 @@ def evaluate(
         for name, s in (("real", real_set), ("fake", fake_set))
         if any(len(v) >= 2 for v in s.kept.values())
     }
+    if pipeline is not None:
+        results["pipeline"] = pipeline
     audit = None
     if "train" in sets:
         train_features = sets["train"].features

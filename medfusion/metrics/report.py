@@ -141,11 +141,33 @@ def _closest_pairs(fake_set, train_set, audit) -> str:
     return "".join(rows)
 
 
+def _pipeline(pipeline: dict) -> str:
+    """The stages that made the synthetic images (``medfusion demo``), with their times and details."""
+    rows = []
+    for name, info in pipeline.get("stages", {}).items():
+        details = ", ".join(
+            f"{html.escape(str(k))} {v:.4g}"
+            if isinstance(v, float)
+            else f"{html.escape(str(k))} {html.escape(str(v))}"
+            for k, v in info.items()
+            if k != "seconds"
+        )
+        seconds = f"{info.get('seconds', 0):.1f}"
+        rows.append(f"<tr><th>{html.escape(name)}</th><td>{seconds}</td><td class='left'>{details}</td></tr>")
+    about = ", ".join(
+        f"{html.escape(str(k))} {html.escape(str(v))}" for k, v in pipeline.items() if k != "stages"
+    )
+    return (
+        f"<h2>How the synthetic images were made</h2><p>{about}</p>"
+        f"<table><tr><th>stage</th><th>seconds</th><th class='left'>details</th></tr>{''.join(rows)}</table>"
+    )
+
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child{text-align:left}.pair{display:flex;gap:2em}img{image-rendering:pixelated;max-width:520px}
-figure{display:inline-block;margin:0.5em}figcaption{font-size:12px}.note{color:#555}
+figure{display:inline-block;margin:0.5em}figcaption{font-size:12px}.note{color:#555}td.left,th.left{text-align:left}
 """
 
 
@@ -182,6 +204,8 @@ def write_report(path: str | Path, results: dict, real_set, fake_set, train_set=
             parts.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
         parts.append("</table>")
     parts += ["<h2>Real and synthetic images</h2>", _grids(real_set, fake_set)]
+    if results.get("pipeline"):
+        parts.append(_pipeline(results["pipeline"]))
     if audit is not None and train_set is not None:
         memo = results["memorisation"]
         parts += [

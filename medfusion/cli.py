@@ -39,9 +39,10 @@ def _data_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         force=args.force,
         progress=not args.quiet,
+        datasets=args.datasets,
     )
     print(f"demo data in {out}")
-    for dataset in sorted(p for p in out.iterdir() if p.is_dir()):
+    for dataset in sorted(p for p in out.iterdir() if p.is_dir() and (p / "train").is_dir()):
         classes = ", ".join(sorted(p.name for p in (dataset / "train").iterdir()))
         print(f"  {dataset}/train    {dataset}/heldout    classes: {classes}")
     return 0
@@ -352,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, help="target folder (default: ~/.cache/medfusion/demo-data)")
     demo.add_argument("--crop-size", type=int, default=64, help="crop side in pixels (default 64)")
     demo.add_argument("--per-class", type=int, default=80, help="crops per class (default 80)")
+    demo.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=("xray", "color", "volumes"),
+        help="which datasets to build (default: all): xray, color (2D), volumes (3D)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="seed of the crop positions")
     demo.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -157,7 +157,9 @@ def test_demo_data_feeds_the_dataset(demo):
 
 def test_cli_demo_then_inspect(tmp_path, capsys):
     out = tmp_path / "cli_demo"
-    assert main(["data", "demo", "--out", str(out), "--crop-size", "16", "--per-class", "3", "--quiet"]) == 0
+    args = ["data", "demo", "--out", str(out), "--crop-size", "16", "--per-class", "3", "--quiet"]
+    assert main([*args, "--datasets", "xray", "color"]) == 0
     printed = capsys.readouterr().out
     assert f"demo data in {out}" in printed and "classes: chest, ct, limb, mr" in printed
+    assert not (out / "volumes").exists()
     assert main(["data", "inspect", str(out / "color" / "train"), "--quiet"]) == 0

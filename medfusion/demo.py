@@ -194,14 +194,15 @@ def run_demo(
     if not report.usable:
         raise RuntimeError(f"the demo data in {train_dir} is not usable (see above); rebuild it with --force")
     done("inspect", t, files=report.summary().get("files"))
+    demo_data = _DemoData.open(root)
 
     out.mkdir(parents=True, exist_ok=True)
     t = stage(3, "autoencoder", "training the autoencoder")
-    vae_path, vae_eval = _train_autoencoder(train_dir, heldout_dir, out, profile, budget, seed, progress, log)
+    vae_path, vae_eval = _train_autoencoder(demo_data, out, profile, budget, seed, progress, log)
     done("autoencoder", t, **vae_eval)
 
     t = stage(4, "diffusion", "training the class-conditional latent diffusion U-Net")
-    model_path, diffusion_info = _train_unet(train_dir, vae_path, out, profile, budget, seed, progress, log)
+    model_path, diffusion_info = _train_unet(demo_data, vae_path, out, profile, budget, seed, progress, log)
     done("diffusion", t, **diffusion_info)
 
     t = stage(5, "sample", "sampling a synthetic dataset")
@@ -209,7 +210,7 @@ def run_demo(
     done("sample", t, **sample_info)
 
     t = stage(6, "features", "training the domain feature extractor on the real training images")
-    features_info = _train_features(train_dir, out / "features", profile, budget, seed, progress, log)
+    features_info = _train_features(demo_data, out / "features", profile, budget, seed, progress, log)
     done("features", t, **features_info)
 
     t = stage(7, "evaluate", "evaluating the synthetic images against the held-out real images")
@@ -260,25 +261,43 @@ def _train_config(
     }
 
 
-def _data_section(train_dir: Path) -> tuple[dict, int, int]:
-    """The data settings of the demo folder (its images' own size; flips along the width), its
-    spatial dims and channels."""
-    from medfusion.data.dataset import ImageFolderDataset
+@dataclass(frozen=True)
+class _DemoData:
+    """The demo dataset as the stages need it, read once: folders, image size, channels, classes."""
 
-    probe = ImageFolderDataset(train_dir, validate="none")
-    item = probe[0]["image"]
-    spatial = tuple(item.shape[1:])
-    return {"crop": list(spatial), "flip_axes": [len(spatial) - 1]}, len(spatial), int(item.shape[0])
+    train: Path
+    heldout: Path
+    size: tuple[int, ...]  # spatial, array order
+    channels: int
+    classes: tuple[str, ...]
+
+    @classmethod
+    def open(cls, root: Path) -> _DemoData:
+        from medfusion.data.dataset import ImageFolderDataset
+
+        dataset = ImageFolderDataset(root / "train", validate="none")
+        item = dataset[0]["image"]
+        return cls(
+            root / "train", root / "heldout", tuple(item.shape[1:]), int(item.shape[0]), dataset.class_names
+        )
+
+    @property
+    def dims(self) -> int:
+        return len(self.size)
+
+    def section(self) -> dict:
+        """The ``data`` config section: the images' own size, flips along the width."""
+        return {"crop": list(self.size), "flip_axes": [self.dims - 1]}
 
 
-def _train_autoencoder(train_dir, heldout_dir, out, profile, budget, seed, progress, log):
+def _train_autoencoder(demo_data: _DemoData, out, profile, budget, seed, progress, log):
     import torch
 
     from medfusion.autoencoders.losses import VAELoss
     from medfusion.training.loop import measure_step_seconds
     from medfusion.training.vae import VAERunConfig, VAETask, train_vae
 
-    data, dims, channels = _data_section(train_dir)
+    data, dims, channels = demo_data.section(), demo_data.dims, demo_data.channels
     base = {
         "data": data,
         "model": {
@@ -288,7 +307,7 @@ def _train_autoencoder(train_dir, heldout_dir, out, profile, budget, seed, progr
             "norm_num_groups": 8,
         },
         "loss": {"pixel_loss": "l1", "kl_weight": 1e-6},
-        "heldout": str(heldout_dir),
+        "heldout": str(demo_data.heldout),
         "train": _train_config(profile, 1, profile.vae_batch, 1e-3, seed, ema_decay=0.99, preview_every=0),
     }
     config = VAERunConfig.from_dict(base, source="medfusion demo")
@@ -302,8 +321,13 @@ def _train_autoencoder(train_dir, heldout_dir, out, profile, budget, seed, progr
     base["train"] = _train_config(
         profile, steps, profile.vae_batch, 1e-3, seed, ema_decay=0.99, preview_every=max(1, steps // 4)
     )
-    train_vae(train_dir, out / "autoencoder", VAERunConfig.from_dict(base, source="medfusion demo"),
-              progress=progress, log=_quiet_config(log))  # fmt: skip
+    train_vae(
+        demo_data.train,
+        out / "autoencoder",
+        VAERunConfig.from_dict(base, source="medfusion demo"),
+        progress=progress,
+        log=_quiet_config(log),
+    )
     evaluation = json.loads((out / "autoencoder" / "vae_eval.json").read_text(encoding="utf-8"))
     scores = {k: evaluation[k] for k in ("psnr", "ssim", "ms_ssim") if isinstance(evaluation.get(k), float)}
     log("autoencoder on held-out images: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
@@ -314,15 +338,14 @@ def _train_autoencoder(train_dir, heldout_dir, out, profile, budget, seed, progr
     }
 
 
-def _train_unet(train_dir, vae_path, out, profile, budget, seed, progress, log):
+def _train_unet(demo_data: _DemoData, vae_path, out, profile, budget, seed, progress, log):
     import torch
 
     from medfusion.training.diffusion import MODEL_DIR, DiffusionRunConfig, DiffusionTask, train_diffusion
     from medfusion.training.loop import measure_step_seconds
     from medfusion.training.vae import load_vae
 
-    data, dims, _ = _data_section(train_dir)
-    num_classes = len([p for p in train_dir.iterdir() if p.is_dir()])
+    data, dims, num_classes = demo_data.section(), demo_data.dims, len(demo_data.classes)
     levels = len(profile.unet_channels)
     base = {
         "data": data,
@@ -355,8 +378,14 @@ def _train_unet(train_dir, vae_path, out, profile, budget, seed, progress, log):
     base["train"] = _train_config(
         profile, steps, profile.unet_batch, 1e-3, seed, ema_decay=0.995, preview_every=0
     )
-    train_diffusion(train_dir, vae_path, out, DiffusionRunConfig.from_dict(base, source="medfusion demo"),
-                    progress=progress, log=_quiet_config(log))  # fmt: skip
+    train_diffusion(
+        demo_data.train,
+        vae_path,
+        out,
+        DiffusionRunConfig.from_dict(base, source="medfusion demo"),
+        progress=progress,
+        log=_quiet_config(log),
+    )
     return out / MODEL_DIR, {"steps": steps, "seconds_per_step_probe": round(seconds, 4)}
 
 
@@ -381,10 +410,9 @@ def _sample(model_path, heldout_dir, synthetic, device, seed, progress, log):
     }
 
 
-def _train_features(train_dir, features_dir, profile, budget, seed, progress, log):
+def _train_features(demo_data: _DemoData, features_dir, profile, budget, seed, progress, log):
     import torch
 
-    from medfusion.data.dataset import ImageFolderDataset
     from medfusion.metrics.features import DomainEncoder
     from medfusion.training.features import (
         EncoderTrainer,
@@ -394,9 +422,7 @@ def _train_features(train_dir, features_dir, profile, budget, seed, progress, lo
     )
     from medfusion.training.loop import measure_step_seconds
 
-    dataset = ImageFolderDataset(train_dir, validate="none")
-    item = dataset[0]["image"]
-    size, channels, dims = tuple(item.shape[1:]), int(item.shape[0]), item.ndim - 1
+    size, channels, dims = demo_data.size, demo_data.channels, demo_data.dims
     groups = min(16, profile.encoder_channels[0])
     base = {
         "model": {"block_out_channels": list(profile.encoder_channels), "norm_num_groups": groups},
@@ -407,7 +433,7 @@ def _train_features(train_dir, features_dir, profile, budget, seed, progress, lo
     encoder = DomainEncoder(
         spatial_dims=dims, in_channels=channels, image_size=size, **config.model.to_dict()
     )
-    classes = len(dataset.class_names)
+    classes = len(demo_data.classes)
     throwaway = FeaturesTask(EncoderTrainer(encoder, config.projection_dim, classes), config, seed)
     batch = {
         "image": torch.rand(profile.encoder_batch, channels, *size) * 2 - 1,
@@ -417,8 +443,13 @@ def _train_features(train_dir, features_dir, profile, budget, seed, progress, lo
     steps = plan_steps("features", seconds, budget)
     log(f"plan: {steps} steps of batch {profile.encoder_batch} ({seconds:.3f} s per step measured here)")
     base["train"] = _train_config(profile, steps, profile.encoder_batch, 1e-3, seed, preview_every=0)
-    train_domain_encoder(train_dir, features_dir, FeaturesRunConfig.from_dict(base, source="medfusion demo"),
-                         progress=progress, log=_quiet_config(log))  # fmt: skip
+    train_domain_encoder(
+        demo_data.train,
+        features_dir,
+        FeaturesRunConfig.from_dict(base, source="medfusion demo"),
+        progress=progress,
+        log=_quiet_config(log),
+    )
     return {"steps": steps, "seconds_per_step_probe": round(seconds, 4)}
 
 

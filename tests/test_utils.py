@@ -163,3 +163,59 @@ def test_atomic_outputs_get_the_umask_mode_not_a_private_one(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+
+
+# --------------------------------------------------------------------------------------------
+# inside: names read from files never lead out of an output folder
+
+
+@pytest.mark.parametrize("name", ["../x.png", "a/../../x.png", "/etc/x.png", "", ".", "a/..", "x\0y"])
+def test_inside_refuses_names_leading_out(tmp_path, name):
+    from medfusion.utils import inside
+
+    with pytest.raises(ValueError, match=f"^{tmp_path}: refusing to write"):
+        inside(tmp_path, name)
+
+
+def test_inside_follows_links_out_of_the_folder(tmp_path):
+    from medfusion.utils import inside
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "a").symlink_to(tmp_path / "elsewhere")
+    assert inside(tmp_path / "out", "b/c/000000.png") == tmp_path / "out" / "b/c/000000.png"
+    with pytest.raises(ValueError, match="leads outside the folder"):
+        inside(tmp_path / "out", "a/000000.png")
+
+
+# --------------------------------------------------------------------------------------------
+# one file mode policy; write failures name the final path
+
+
+def test_atomic_dir_gives_every_file_the_umask_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "sub").mkdir(mode=0o700)
+            secret = tmp / "sub" / "weights.safetensors"
+            secret.write_bytes(b"w")
+            os.chmod(secret, 0o600)  # what safetensors' writer does
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "model" / "sub").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "model" / "sub" / "weights.safetensors").stat().st_mode) == 0o640
+
+
+def test_safetensors_failure_in_atomic_dir_names_the_folder(tmp_path):
+    import errno
+
+    from safetensors import SafetensorError
+
+    target = tmp_path / "vae"
+    with pytest.raises(OSError) as info, atomic_dir(target) as tmp:
+        (tmp / "partial").write_bytes(b"x")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert str(info.value).startswith(f"{target}: cannot write: Error while serializing: I/O error: No space")
+    assert _entries(tmp_path) == []

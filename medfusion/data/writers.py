@@ -1,19 +1,23 @@
 """Writers for 2D images (PNG 8/16-bit, TIFF) and volumes (NIfTI, MHA, NRRD) with their geometry.
 
 Every writer goes through :func:`medfusion.utils.atomic_path`: the file appears under its final
-name only once complete, so an interrupted run never leaves a half-written file.
+name only once complete, so an interrupted run never leaves a half-written file. Before the
+rename every file is read back and compared with what was meant to be written (some writers,
+SimpleITK's among them, do not report a full disk), so a file under its final name is a whole
+one; :func:`written_file_problem` checks files that an earlier run left (resume).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medfusion.data.image import MedicalImage
-from medfusion.utils import atomic_path, full_suffix
+from medfusion.utils import atomic_path, full_suffix, write_error
 
 PNG_SUFFIXES = (".png",)
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -68,9 +72,83 @@ def write_image(path: str | os.PathLike, image: MedicalImage | np.ndarray) -> Pa
         raise ValueError(
             f"{path}: cannot write suffix {suffix or 'none'!r}; choose one of {', '.join(WRITABLE_SUFFIXES)}"
         )
-    with atomic_path(path) as tmp:
-        writer(tmp, image, array)
+    with atomic_path(path) as tmp:  # a full disk or a permission error is named by ``path``
+        try:
+            writer(tmp, image, array)
+        except RuntimeError as e:  # SimpleITK reports I/O failures as RuntimeError
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else "the writer failed"
+            raise write_error(path, reason) from e
+        _verify(tmp, path, array)
     return path
+
+
+def _verify(tmp: Path, path: Path, array: np.ndarray) -> None:
+    """Read ``tmp`` back and compare it with ``array``; raise naming ``path`` when it differs."""
+    from medfusion.data.errors import ImageReadError
+    from medfusion.data.readers import read_image
+
+    if tmp.stat().st_size == 0:
+        raise write_error(path, "the file is empty after writing")
+    try:
+        back = np.asarray(read_image(tmp, check_finite=False).array)
+    except ImageReadError as e:
+        raise write_error(path, f"the file does not read back ({e.reason})") from e
+    if back.shape != array.shape or back.dtype != array.dtype:
+        raise write_error(
+            path,
+            f"the file reads back as {back.dtype}{list(back.shape)}, not {array.dtype}{list(array.shape)}",
+        )
+    if not np.array_equal(back, array, equal_nan=np.issubdtype(array.dtype, np.floating)):
+        raise write_error(path, "the file reads back with other values")
+
+
+def written_file_problem(path: str | os.PathLike, shape: tuple[int, ...], dtype: str) -> str | None:
+    """What is wrong with a file that should hold an image of ``shape`` ``(C, *spatial)`` and
+    ``dtype`` (a file an earlier, perhaps killed, run wrote), or None when it looks whole.
+
+    Checked: the size, the header (shape, channels, dtype), and then the data: gzip files
+    (``.nii.gz``, possibly large volumes) by the length in their trailer, every other file by
+    decoding it.
+    """
+    from medfusion.data.errors import ImageReadError
+    from medfusion.data.readers import read_image, read_info
+
+    path = Path(path)
+    if not path.is_file():
+        return "missing or not a file"
+    if path.stat().st_size == 0:
+        return "empty"
+    try:
+        info = read_info(path)
+    except ImageReadError as e:
+        return e.reason
+    found, wanted = (info.channels, *info.shape), tuple(int(s) for s in shape)
+    if found != wanted or info.dtype != np.dtype(dtype).name:
+        return f"holds {info.dtype} {list(found)}, expected {np.dtype(dtype).name} {list(wanted)}"
+    if full_suffix(path) == ".nii.gz":
+        return _gzip_problem(path, _nifti_bytes(path, wanted, dtype))
+    try:
+        read_image(path, check_finite=False)
+    except ImageReadError as e:
+        return e.reason
+    return None
+
+
+def _nifti_bytes(path: Path, shape: tuple[int, ...], dtype: str) -> int:
+    import nibabel
+
+    offset = int(nibabel.load(path).dataobj.offset)
+    return offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def _gzip_problem(path: Path, expected: int) -> str | None:
+    """A gzip stream ends with the length of its data mod 2**32; a cut file ends elsewhere."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        (length,) = struct.unpack("<I", f.read(4))
+    if length != expected % 2**32:
+        return "the compressed file is cut short or damaged (its gzip trailer does not match)"
+    return None
 
 
 def _check_2d(path: Path, array: np.ndarray) -> None:

@@ -278,7 +278,7 @@ def _broken_writer(tmp: Path, image, array) -> None:
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch, name, writer):
     monkeypatch.setattr(writers, writer, _broken_writer)
     path = tmp_path / name
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(OSError, match=f"{re.escape(str(path))}: cannot write: disk full"):
         write_image(path, np.zeros((1, 4, 4), np.uint8))
     assert not path.exists()
     assert _entries(tmp_path) == []  # no temporary file either
@@ -291,12 +291,88 @@ def test_failed_write_keeps_existing_file(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     monkeypatch.setattr(writers, "_write_sitk", _broken_writer)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(OSError, match="disk full"):
         write_image(path, np.ones((1, 4, 4), np.int16))
 
     assert path.read_bytes() == before
     assert _entries(tmp_path) == ["x.nii.gz"]
     np.testing.assert_array_equal(read_image(path).array, original)
+
+
+def _silent_writer(content: bytes):
+    """A writer that loses data without saying so (SimpleITK's on a full disk)."""
+
+    def write(tmp: Path, image, array) -> None:
+        tmp.write_bytes(content)
+
+    return write
+
+
+@pytest.mark.parametrize("name", ["x.png", "x.tif", "x.nii.gz", "x.mha"])
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n", b"\x1f\x8b\x08\x00partial"])
+def test_silently_lost_write_is_caught_before_the_rename(tmp_path, monkeypatch, name, content):
+    writer = {".png": "_write_png", ".tif": "_write_tiff"}.get(Path(name).suffix, "_write_sitk")
+    monkeypatch.setattr(writers, writer, _silent_writer(content))
+    path = tmp_path / name
+    with pytest.raises(OSError, match=f"^{re.escape(str(path))}: cannot write: the file "):
+        write_image(path, np.zeros((1, 4, 4), np.uint8))
+    assert _entries(tmp_path) == []  # nothing under the final name, no temporary file
+
+
+def test_write_that_reads_back_other_values_is_refused(tmp_path, monkeypatch):
+    real = writers._write_png
+
+    def wrong(tmp: Path, image, array) -> None:  # a whole, valid PNG of other values
+        real(tmp, image, array + 1)
+
+    monkeypatch.setattr(writers, "_write_png", wrong)
+    path = tmp_path / "x.png"
+    with pytest.raises(OSError, match="reads back with other values"):
+        write_image(path, np.zeros((1, 4, 4), np.uint8))
+    assert _entries(tmp_path) == []
+
+
+def test_os_errors_of_a_writer_name_the_final_path(tmp_path, monkeypatch):
+    import errno
+
+    def full(tmp: Path, image, array) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # no file name, as Pillow raises it
+
+    monkeypatch.setattr(writers, "_write_tiff", full)
+    path = tmp_path / "sub" / "x.tif"
+    with pytest.raises(OSError) as info:
+        write_image(path, np.zeros((1, 4, 4), np.uint8))
+    assert info.value.errno == errno.ENOSPC
+    assert str(info.value).startswith(f"{path}: cannot write: No space left on device")
+    assert _entries(path.parent) == []
+
+
+@pytest.mark.parametrize("name", ["x.png", "x.nii.gz", "x.tif", "x.mha"])
+def test_written_file_problem_accepts_whole_files(tmp_path, name):
+    array = np.arange(2 * 4 * 4, dtype=np.uint16).reshape(1, 2, 4, 4)
+    array = array[:, 0] if name.endswith((".png", ".tif")) else array
+    write_image(tmp_path / name, array)
+    assert writers.written_file_problem(tmp_path / name, array.shape, "uint16") is None
+
+
+def test_written_file_problem_finds_damage(tmp_path):
+    array = np.random.default_rng(0).integers(0, 4000, (1, 8, 16, 16)).astype(np.int16)
+    path = tmp_path / "x.nii.gz"
+    write_image(path, array)
+    whole = path.read_bytes()
+    assert writers.written_file_problem(path, array.shape, "int16") is None
+    assert "expected int16 [1, 8, 16, 8]" in writers.written_file_problem(path, (1, 8, 16, 8), "int16")
+    assert "expected uint8" in writers.written_file_problem(path, array.shape, "uint8")
+    path.write_bytes(whole[: len(whole) // 2])  # the header survives, the data is cut
+    assert "cut short" in writers.written_file_problem(path, array.shape, "int16")
+    path.write_bytes(b"")
+    assert writers.written_file_problem(path, array.shape, "int16") == "empty"
+    path.unlink()
+    assert "missing" in writers.written_file_problem(path, array.shape, "int16")
+    png = tmp_path / "y.png"
+    write_image(png, np.zeros((1, 4, 4), np.uint8))
+    png.write_bytes(png.read_bytes()[:20])
+    assert writers.written_file_problem(png, (1, 4, 4), "uint8") is not None
 
 
 def test_write_overwrites_existing_file(tmp_path):

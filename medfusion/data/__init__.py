@@ -5,11 +5,12 @@ from medfusion.data.discovery import Discovery, Sample, discover, load_class_nam
 from medfusion.data.errors import DataError, ImageReadError, Problem
 from medfusion.data.image import ImageInfo, MedicalImage
 from medfusion.data.inspect import InspectionReport, inspect_dataset
-from medfusion.data.readers import read_image, read_info
+from medfusion.data.readers import MAX_PIXELS_ENV, max_pixels, read_image, read_info
 from medfusion.data.transforms import Compose, CropOrPad, NormalizeIntensity, RandomFlip, Resample, Resize
 from medfusion.data.writers import to_unsigned, write_image
 
 __all__ = [
+    "MAX_PIXELS_ENV",
     "Compose",
     "CropOrPad",
     "DataError",
@@ -30,6 +31,7 @@ __all__ = [
     "discover",
     "inspect_dataset",
     "load_class_names",
+    "max_pixels",
     "read_image",
     "read_info",
     "save_class_names",

@@ -14,6 +14,7 @@ from medfusion.data.discovery import Sample, discover
 from medfusion.data.errors import DataError, Problem, format_problems
 from medfusion.data.image import ImageInfo, MedicalImage
 from medfusion.data.inspect import FileRecord, consistency_problems, scan
+from medfusion.data.names import check_class_names
 from medfusion.data.readers import read_image, read_info
 from medfusion.data.transforms import (
     Compose,
@@ -73,7 +74,8 @@ class ImageFolderDataset(Dataset):
         transform: applied to each :class:`MedicalImage`; default: intensity normalisation.
         class_names: fix the class order (e.g. that of a trained model, or one read with
             :func:`~medfusion.data.discovery.load_class_names`); labels outside it are errors.
-            Default: sorted names found.
+            Default: sorted names found. Each must be a valid class name
+            (:func:`~medfusion.data.names.check_class_name`).
         skip_bad: leave out bad files with a warning rather than raising; files that only fail
             when read (truncated pixels) are replaced by the next readable item.
         validate: ``none``, ``header`` or ``full`` (see above). ``skip_bad`` implies at least
@@ -104,6 +106,8 @@ class ImageFolderDataset(Dataset):
         self.transform = transform if transform is not None else NormalizeIntensity("auto")
         discovery = discover(root, labels)
         self.label_source = discovery.label_source
+        if class_names is not None:
+            class_names = check_class_names(class_names, "class_names")
         self.class_names = tuple(class_names) if class_names is not None else discovery.class_names
         problems = list(discovery.problems)
         problems += self._unknown_label_problems(discovery.samples)

@@ -6,10 +6,18 @@ Layout rules:
   single-frame DICOM files sharing a SeriesInstanceUID). Hidden files and folders are skipped;
   sidecar files (``.json``, ``.csv``, ``.txt``, ``.raw`` ...) are ignored; any other file is a
   problem ("not an image").
+- Only regular files are samples, judged with ``os.stat`` before anything is opened: a FIFO,
+  socket or device, a dangling symbolic link or a link loop is a problem named by its own path
+  (that of the link). Symbolic links to files are followed; links to folders are not (a problem:
+  they could loop).
 - Labels: with ``labels="folders"`` (the default) the class of a sample is the name of the
   first-level subfolder it lies in (``DATA/<class>/...``), and a dataset with all samples at the
-  top level is unlabelled. With a CSV (``path,label`` columns; paths relative to the folder or
-  absolute), every sample needs a row. ``labels="none"`` ignores folder names.
+  top level is unlabelled. A first-level folder without samples is a problem (it is not a class).
+  With a CSV (``path,label`` columns; paths relative to the folder or absolute), every sample
+  needs a row. ``labels="none"`` ignores folder names.
+- Class names are data: a folder name or CSV label that is not a valid class name (see
+  :mod:`medfusion.data.names`: no separators, control characters or reserved words such as
+  ``none``) is a problem, and its files are left out. So are names that differ only in letter case.
 - Class names are sorted, so class indices are stable across runs and machines.
 """
 
@@ -18,11 +26,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medfusion.data.errors import DataError, Problem
-from medfusion.data.readers import SIDECAR_SUFFIXES, is_dicom_file, is_image_file
+from medfusion.data.names import check_class_names, class_name_problem
+from medfusion.data.readers import SIDECAR_SUFFIXES, file_problem, is_dicom_file, is_image_file
 from medfusion.utils import atomic_write_text, full_suffix
 
 CSV_COLUMNS = ("path", "label")
@@ -72,9 +81,10 @@ def discover(root: str | os.PathLike, labels: str | os.PathLike | None = None) -
         raise DataError(f"{root_path}: folder does not exist")
     if not root_path.is_dir():
         raise DataError(f"{root_path}: not a folder (give the folder that holds the images)")
-    found, ignored, problems = _walk(root_path)
+    walk = _walk(root_path)
+    found, ignored, problems = walk.found, walk.ignored, walk.problems
     if labels is None or str(labels) == "folders":
-        samples, label_problems, source = _labels_from_folders(root_path, found)
+        samples, label_problems, source = _labels_from_folders(root_path, found, walk.top_folders)
     elif str(labels) == "none":
         samples, label_problems, source = [Sample(p, r, None) for p, r in found], [], "none"
     else:
@@ -98,16 +108,36 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def _walk(root: Path) -> tuple[list[tuple[str, str]], list[str], list[Problem]]:
-    """(path, relpath) of every sample, ignored sidecars, and non-image files as problems."""
-    found: list[tuple[str, str]] = []
-    ignored: list[str] = []
-    problems: list[Problem] = []
+@dataclass
+class _Walk:
+    """What :func:`_walk` found: (path, relpath) of every sample, ignored sidecars, problems
+    (odd and non-image files), and the names of the first-level subfolders."""
+
+    found: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    top_folders: list[str] = field(default_factory=list)
+
+
+_LINKED_FOLDER = (
+    "is a symbolic link to a folder; links to folders are not followed (they could loop): "
+    "move or copy the folder here, or list its files in a labels CSV"
+)
+
+
+def _walk(root: Path) -> _Walk:
+    walk = _Walk()
+    found, ignored, problems = walk.found, walk.ignored, walk.problems
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
-        files = sorted(f for f in files if not _is_hidden(f))
         folder_path = Path(folder)
         rel_folder = folder_path.relative_to(root).as_posix()
+        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
+        linked = [d for d in dirs if (folder_path / d).is_symlink()]
+        problems += [Problem(str(folder_path / d), _LINKED_FOLDER) for d in linked]
+        dirs[:] = [d for d in dirs if d not in linked]
+        if rel_folder == ".":
+            walk.top_folders = list(dirs)
+        files = _regular_files(folder_path, sorted(f for f in files if not _is_hidden(f)), problems)
         dicom = [f for f in files if is_dicom_file(folder_path / f)]
         if _is_dicom_series(folder_path, dicom):
             found.append((str(folder_path.resolve()), rel_folder))
@@ -126,7 +156,20 @@ def _walk(root: Path) -> tuple[list[tuple[str, str]], list[str], list[Problem]]:
                 problems.append(
                     Problem(str(path), f"not an image or volume (suffix {full_suffix(name) or 'none'!r})")
                 )
-    return found, ignored, problems
+    return walk
+
+
+def _regular_files(folder: Path, names: list[str], problems: list[Problem]) -> list[str]:
+    """The names of regular files (links followed); the rest (FIFOs, sockets, devices, dangling
+    links, link loops) become problems named by their own path. Nothing is opened."""
+    regular = []
+    for name in names:
+        problem = file_problem(folder / name)
+        if problem is None:
+            regular.append(name)
+        else:
+            problems.append(Problem(str(folder / name), problem))
+    return regular
 
 
 def _is_dicom_series(folder: Path, dicom_files: list[str]) -> bool:
@@ -150,14 +193,26 @@ def _is_dicom_series(folder: Path, dicom_files: list[str]) -> bool:
 _SERIES_TAGS = ["SeriesInstanceUID", "NumberOfFrames"]
 
 
-def _labels_from_folders(root: Path, found: list[tuple[str, str]]):
+_EMPTY_CLASS = "holds no images or volumes; it is not a class: remove it or fill it"
+
+
+def _labels_from_folders(root: Path, found: list[tuple[str, str]], top_folders: list[str]):
     labelled = [(p, r) for p, r in found if "/" in r]
     if not labelled:
         return [Sample(p, r, None) for p, r in found], [], "none"
-    samples, problems = [], []
+    bad = _bad_class_names(top_folders)
+    problems = [Problem(str(root / name), f"{why} (its files are left out)") for name, why in bad.items()]
+    occupied = {rel.split("/", 1)[0] for _, rel in found}
+    problems += [
+        Problem(str(root / name), _EMPTY_CLASS)
+        for name in top_folders
+        if name not in occupied and name not in bad
+    ]
+    samples = []
     for path, rel in found:
         if "/" in rel:
-            samples.append(Sample(path, rel, rel.split("/", 1)[0]))
+            if rel.split("/", 1)[0] not in bad:
+                samples.append(Sample(path, rel, rel.split("/", 1)[0]))
         else:
             problems.append(
                 Problem(
@@ -167,6 +222,23 @@ def _labels_from_folders(root: Path, found: list[tuple[str, str]]):
                 )
             )
     return samples, problems, "folders"
+
+
+def _bad_class_names(names: list[str]) -> dict[str, str]:
+    """What is wrong with each invalid name, including names differing only in letter case."""
+    bad = {name: why for name in names if (why := class_name_problem(name)) is not None}
+    by_fold: dict[str, list[str]] = {}
+    for name in names:
+        if name not in bad:
+            by_fold.setdefault(name.casefold(), []).append(name)
+    for group in by_fold.values():
+        for name in group if len(group) > 1 else ():
+            others = ", ".join(repr(n) for n in group if n != name)
+            bad[name] = (
+                f"class name {name!r} differs from {others} only in letter case (such names collide "
+                "on some file systems); merge or rename them"
+            )
+    return bad
 
 
 def _read_label_rows(csv_path: Path) -> list[tuple[int, str, str]]:
@@ -199,17 +271,27 @@ def _labels_from_csv(root: Path, csv_path: Path, found: list[tuple[str, str]]):
     rows = _read_label_rows(csv_path)
     problems: list[Problem] = []
     by_path: dict[str, tuple[str, int]] = {}
+    bad_labels = _bad_class_names(sorted({label for _, _, label in rows if label}))
     for line, path_text, label in rows:
         if not path_text:
             problems.append(Problem(str(csv_path), f"line {line}: empty path"))
             continue
         target = Path(path_text) if Path(path_text).is_absolute() else root / path_text
-        key = str(target.resolve())
         if not label:
             problems.append(Problem(str(csv_path), f"line {line}: {path_text} has an empty label"))
-        elif not target.exists():
+            continue
+        if label in bad_labels:
+            problems.append(Problem(str(csv_path), f"line {line}: {path_text}: {bad_labels[label]}"))
+            continue
+        if not os.path.lexists(target):
             problems.append(Problem(str(csv_path), f"line {line}: {path_text} does not exist"))
-        elif key in by_path and by_path[key][0] != label:
+            continue
+        odd = file_problem(target, folder_ok=True)
+        if odd is not None:
+            problems.append(Problem(str(csv_path), f"line {line}: {path_text} {odd}"))
+            continue
+        key = str(target.resolve())
+        if key in by_path and by_path[key][0] != label:
             problems.append(
                 Problem(
                     str(csv_path),
@@ -237,16 +319,19 @@ def _labels_from_csv(root: Path, csv_path: Path, found: list[tuple[str, str]]):
 
 
 def save_class_names(path: str | os.PathLike, class_names: tuple[str, ...] | list[str]) -> Path:
-    """Write the class order (index = position) as JSON, atomically: ``{"class_names": [...]}``."""
-    names = list(class_names)
-    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"class_names must be distinct non-empty strings; got {names}")
+    """Write the class order (index = position) as JSON, atomically: ``{"class_names": [...]}``.
+
+    Raises :class:`DataError` naming ``path`` when a name is not a valid class name (see
+    :func:`~medfusion.data.names.check_class_name`) or repeats; nothing is written then.
+    """
+    names = list(_checked_names(class_names, path))
     atomic_write_text(path, json.dumps({"class_names": names}, indent=2) + "\n")
     return Path(path)
 
 
 def load_class_names(path: str | os.PathLike) -> tuple[str, ...]:
-    """Read a class order written by :func:`save_class_names`."""
+    """Read a class order written by :func:`save_class_names`; every name is checked again
+    (raises :class:`DataError` naming ``path``)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
@@ -254,8 +339,13 @@ def load_class_names(path: str | os.PathLike) -> tuple[str, ...]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON: {e}") from e
     names = data.get("class_names") if isinstance(data, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+    if not isinstance(names, list):
         raise DataError(f'{path}: expected {{"class_names": ["name", ...]}}')
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: class names repeat: {names}")
-    return tuple(names)
+    return _checked_names(names, path)
+
+
+def _checked_names(names, path: str | os.PathLike) -> tuple[str, ...]:
+    try:
+        return check_class_names(names, str(path))
+    except ValueError as e:
+        raise DataError(str(e)) from e

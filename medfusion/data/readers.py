@@ -5,6 +5,11 @@ Two entry points, both dispatching on the file suffix (or, for a folder, on its 
 - :func:`read_info` reads only the header: shape, channels, dtype, spacing. Cheap.
 - :func:`read_image` decodes the pixels into a :class:`~medfusion.data.image.MedicalImage`.
 
+Files from someone else are not trusted: only regular files (and folders, for a DICOM series) are
+ever opened, so a FIFO, socket or device can not make a reader block; and an image whose header
+declares more than :func:`max_pixels` pixels or voxels is refused before any pixel is decoded (a
+few-kilobyte PNG can declare 20000x20000 16-bit RGB pixels, 2.4 GB once decoded).
+
 Values are kept as stored: 16-bit stays 16-bit, grayscale stays one channel, RGB stays three, and
 nothing is cut to three channels. The only conversions are those the format itself prescribes:
 DICOM rescale slope/intercept (the modality LUT) is applied, MONOCHROME1 is inverted so that
@@ -14,8 +19,12 @@ higher always means brighter, YBR and palette colour are expanded to RGB. Every 
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import stat
 import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -56,8 +65,84 @@ _PIL_MODES = {  # PIL mode -> (channels, numpy dtype)
 }
 
 
+MAX_PIXELS_ENV = "MEDFUSION_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 2**28  # 16384 x 16384 pixels, or 645^3 voxels
+
+
+def max_pixels() -> int:
+    """The largest number of pixels (2D) or voxels (3D) an image may hold, channels not counted.
+
+    Read from the environment variable :data:`MAX_PIXELS_ENV` (``MEDFUSION_MAX_PIXELS``) at every
+    call, so that DataLoader worker processes see the value their parent set; default
+    :data:`DEFAULT_MAX_PIXELS`. Raises ``ValueError`` naming the variable when it is not a whole
+    number >= 1.
+    """
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(
+            f"environment variable {MAX_PIXELS_ENV}={text!r} is not a valid pixel limit: give a whole "
+            f"number of pixels/voxels >= 1 (default {DEFAULT_MAX_PIXELS})"
+        )
+    return value
+
+
+def _check_size(path: str | os.PathLike, shape: tuple[int, ...], channels: int) -> None:
+    """Refuse an image whose header declares more pixels/voxels than :func:`max_pixels`."""
+    limit = max_pixels()
+    count = math.prod(int(s) for s in shape)
+    if count > limit:
+        unit = "pixels" if len(shape) == 2 else "voxels"
+        raise ImageReadError(
+            path,
+            f"too large: {'x'.join(str(s) for s in shape)} = {count:,} {unit} (with {channels} "
+            f"channel(s)), over the limit of {limit:,} {unit} per image (channels not counted); "
+            f"set {MAX_PIXELS_ENV} to a larger number to read it",
+        )
+
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISCHR, "a character device"),
+)
+
+
+def file_problem(path: str | os.PathLike, folder_ok: bool = False) -> str | None:
+    """Why ``path`` must not be opened as an image, or None for a regular file (or a folder when
+    ``folder_ok``). Judged with ``os.stat`` alone: nothing is opened.
+
+    Symbolic links are followed; a dangling link or a link loop is named as such.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link loop (the link leads back to itself); remove or fix the link"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if e.errno == errno.ENOENT:
+            return "no such file"
+        return f"cannot be read: {e.strerror}"
+    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return f"is {kind}, not a regular file; it is not opened"
+
+
 def has_dicom_preamble(path: str | os.PathLike) -> bool:
-    """True when the file carries the DICOM Part 10 magic ``DICM`` at byte 128."""
+    """True when the file carries the DICOM Part 10 magic ``DICM`` at byte 128 (regular files
+    only: a FIFO or device is never opened)."""
+    if file_problem(path) is not None:
+        return False
     try:
         with open(path, "rb") as f:
             f.seek(128)
@@ -80,10 +165,11 @@ def is_image_file(path: str | os.PathLike) -> bool:
 def format_of(path: str | os.PathLike) -> str:
     """The reader name for ``path``; raises :class:`ImageReadError` for unsupported files."""
     path = Path(path)
+    problem = file_problem(path, folder_ok=True)
+    if problem is not None:
+        raise ImageReadError(path, problem)
     if path.is_dir():
         return "dicom-series"
-    if not path.exists():
-        raise ImageReadError(path, "no such file")
     suffix = full_suffix(path)
     for table in (RASTER_FORMATS, TIFF_FORMATS, VOLUME_FORMATS):
         if suffix in table:
@@ -103,9 +189,11 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
         path: a file, or a folder holding one DICOM series.
 
     Returns:
-        The :class:`ImageInfo`; raises :class:`ImageReadError` when it cannot be read or has a
-        zero-size dimension.
+        The :class:`ImageInfo`; raises :class:`ImageReadError` when it cannot be read, is not a
+        regular file (or folder), has a zero-size dimension or more pixels than
+        :func:`max_pixels`.
     """
+    max_pixels()  # a bad MEDFUSION_MAX_PIXELS is a ValueError, never blamed on the file
     fmt = format_of(path)
     try:
         info = _INFO_READERS[fmt](Path(path), fmt)
@@ -114,6 +202,7 @@ def read_info(path: str | os.PathLike) -> ImageInfo:
     except Exception as e:  # every library raises its own types; name the file whatever it was
         raise ImageReadError(path, f"cannot read header as {fmt}: {_describe(e)}") from e
     _check_nonempty(path, info.shape)
+    _check_size(path, info.shape, info.channels)
     return info
 
 
@@ -126,8 +215,10 @@ def read_image(path: str | os.PathLike, check_finite: bool = True) -> MedicalIma
 
     Returns:
         A :class:`MedicalImage` with ``array`` of shape ``(C, *spatial)`` in the stored dtype
-        (after DICOM rescale).
+        (after DICOM rescale). Every reader checks the size its header declares against
+        :func:`max_pixels` before decoding.
     """
+    max_pixels()
     fmt = format_of(path)
     try:
         image = _IMAGE_READERS[fmt](Path(path), fmt)
@@ -182,13 +273,22 @@ def _is_16bit_colour_png(path: Path, fmt: str) -> bool:
     return header is not None and header[0] == 16 and header[1] in (2, 4, 6)
 
 
+_PIL_LOCK = threading.Lock()
+
+
 def _open_pil(path: Path):
+    """Open lazily (header only). Pillow's own pixel limit is lifted for the call: the one limit
+    that applies is :func:`max_pixels`, which the callers check before decoding."""
     from PIL import Image
 
-    try:
-        return Image.open(path)
-    except Exception as e:
-        raise ImageReadError(path, f"not a readable image: {_describe(e)}") from e
+    with _PIL_LOCK:
+        pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        except Exception as e:
+            raise ImageReadError(path, f"not a readable image: {_describe(e)}") from e
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def _pil_mode(path: Path, im) -> tuple[int, str]:
@@ -218,6 +318,7 @@ def _raster_image(path: Path, fmt: str) -> MedicalImage:
         return _sitk_image(path, fmt)
     with _open_pil(path) as im:
         channels, dtype = _pil_mode(path, im)
+        _check_size(path, im.size[::-1], channels)
         if im.mode == "P":
             im = im.convert("RGBA" if channels == 4 else "RGB")
         im.load()  # decodes fully: a truncated file raises here
@@ -266,7 +367,9 @@ def _tiff_image(path: Path, fmt: str) -> MedicalImage:
 
     with tifffile.TiffFile(path) as tif:
         page = _tiff_page(path, tif)
-        _check_nonempty(path, _tiff_layout(path, page)[0])  # before decoding a 0-row page
+        shape, channels = _tiff_layout(path, page)
+        _check_nonempty(path, shape)  # before decoding a 0-row page
+        _check_size(path, shape, channels)
         array = page.asarray()
         axes = page.axes
     if axes == "YX":
@@ -407,6 +510,7 @@ def _dicom_image(path: Path, fmt: str) -> MedicalImage:
     if "PixelData" not in ds:
         raise ImageReadError(path, "DICOM file holds no pixel data")
     info = _dicom_info(path, fmt, ds)
+    _check_size(path, info.shape, info.channels)
     if info.spatial_dims == 3:  # multi-frame: a volume, through SimpleITK/GDCM like a series
         return _sitk_image(path, fmt).replace(modality=str(ds.get("Modality", "")))
     pixels = _dicom_pixels(path, ds)
@@ -435,7 +539,8 @@ def _sitk_layout(path: Path, dimension: int, size: tuple[int, ...], components: 
     )
 
 
-def _sitk_info(path: Path, fmt: str) -> ImageInfo:
+def _sitk_header(path: Path, fmt: str):
+    """(reader with the header read, spatial_dims, spatial size in array order, channels)."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -445,9 +550,13 @@ def _sitk_info(path: Path, fmt: str) -> ImageInfo:
     except RuntimeError as e:
         raise ImageReadError(path, f"not a readable {fmt} file: {_describe(e)}") from e
     size = tuple(int(s) for s in reader.GetSize())
-    spatial_dims, shape, channels = _sitk_layout(
-        path, reader.GetDimension(), size, reader.GetNumberOfComponents()
-    )
+    return reader, *_sitk_layout(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
+
+
+def _sitk_info(path: Path, fmt: str) -> ImageInfo:
+    import SimpleITK as sitk
+
+    reader, spatial_dims, shape, channels = _sitk_header(path, fmt)
     dtype = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * 2, reader.GetPixelID())).dtype).name
     # ReadImage makes a negative spacing positive (flipping the direction); the header reader does not
     spacing = tuple(abs(float(s)) for s in reader.GetSpacing()[:spatial_dims])
@@ -480,10 +589,11 @@ def _sitk_to_medical(path: Path, image, modality: str = "") -> MedicalImage:
 
 
 def _sitk_image(path: Path, fmt: str) -> MedicalImage:
-    import SimpleITK as sitk
-
+    reader, _, shape, channels = _sitk_header(path, fmt)
+    _check_nonempty(path, shape)
+    _check_size(path, shape, channels)
     try:
-        image = sitk.ReadImage(str(path))
+        image = reader.Execute()
     except RuntimeError as e:
         raise ImageReadError(path, f"cannot read as {fmt} (corrupt or truncated?): {_describe(e)}") from e
     return _sitk_to_medical(path, image)
@@ -556,7 +666,8 @@ def _nifti_info(path: Path, fmt: str) -> ImageInfo:
 def _nifti_image(path: Path, fmt: str) -> MedicalImage:
     img = _nifti_load(path)
     shape = tuple(int(v) for v in img.shape)
-    spatial_dims, _, _ = _nifti_layout(path, shape)
+    spatial_dims, spatial, channels = _nifti_layout(path, shape)
+    _check_size(path, spatial, channels)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:
@@ -593,8 +704,8 @@ def dicom_series_files(folder: str | os.PathLike) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
 
 
-def _series_info(path: Path, fmt: str) -> ImageInfo:
-    files = dicom_series_files(path)
+def _series_info(path: Path, fmt: str, files: list[str] | None = None) -> ImageInfo:
+    files = files if files is not None else dicom_series_files(path)
     first = _dicom_info(Path(files[0]), "dicom")
     z = 1.0
     if len(files) > 1:
@@ -611,6 +722,8 @@ def _series_image(path: Path, fmt: str) -> MedicalImage:
     import SimpleITK as sitk
 
     files = dicom_series_files(path)
+    info = _series_info(path, fmt, files)
+    _check_size(path, info.shape, info.channels)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:

@@ -191,7 +191,14 @@ def test_class_names_round_trip(tmp_path, make_folder):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("{", "not valid JSON"), ('{"names": []}', "expected"), ('{"class_names": ["a", "a"]}', "repeat")],
+    [
+        ("{", "not valid JSON"),
+        ('{"names": []}', "expected"),
+        ('{"class_names": ["a", "a"]}', "class name 'a' is given twice"),
+        ('{"class_names": ["a", ""]}', "must not be empty"),
+        ('{"class_names": ["x/../y"]}', "holds '/'"),
+        ('{"class_names": ["None"]}', "is reserved"),
+    ],
 )
 def test_bad_class_names_file(tmp_path, text, message):
     from medfusion.data import load_class_names
@@ -206,6 +213,9 @@ def test_bad_class_names_file(tmp_path, text, message):
 def test_save_class_names_rejects_duplicates(tmp_path):
     from medfusion.data import save_class_names
 
-    with pytest.raises(ValueError, match="distinct non-empty"):
-        save_class_names(tmp_path / "c.json", ["a", "a"])
-    assert not (tmp_path / "c.json").exists()
+    path = tmp_path / "c.json"
+    with pytest.raises(DataError, match=re.escape(f"{path}: class name 'a' is given twice")):
+        save_class_names(path, ["a", "a"])
+    with pytest.raises(DataError, match=re.escape(f"{path}: class name 'all' is reserved")):
+        save_class_names(path, ["tumor", "all"])
+    assert not path.exists()

@@ -9,18 +9,28 @@
       scheduler/scheduler_config.json  the noise schedule, a diffusers scheduler config
       medfusion.json                 image size, channels, intensity normalisation, class names ...
 
-Loading executes no code from the folder: JSON configs and safetensors weights only.
+Loading executes no code from the folder: JSON configs and safetensors weights only. A model folder
+is shared, so it is untrusted input: every JSON file is checked against its schema (unknown keys,
+wrong types and out-of-range values are errors naming the file and the key) before any network is
+built, and the networks are built on the meta device (no memory, no weights) and checked to fit
+together before any weights are read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
@@ -28,6 +38,9 @@ from torch import nn
 from medfusion import __version__
 from medfusion.autoencoders.vae import VAE
 from medfusion.config import Config
+from medfusion.data.names import check_class_names
+from medfusion.data.transforms import NORMALIZATION_MODES
+from medfusion.diffusion.objective import BETA_SCHEDULES, PREDICTION_TYPES, DiffusionConfig
 from medfusion.diffusion.unet import UNet
 from medfusion.utils import atomic_dir, atomic_write_text
 
@@ -40,10 +53,40 @@ _COMPONENTS = {
     "unet": ("medfusion.diffusion", "UNet"),
     "scheduler": ("diffusers", "DDPMScheduler"),
 }
+_NETWORKS = {"unet": UNet, "vae": VAE}
+_INDEX_METADATA = {"_class_name": "MedfusionPipeline", "_diffusers_version": None, "medfusion_version": None}
+# diffusers' bookkeeping keys (a required value, or None: any string); '_use_default_values' is not
+# one of them: diffusers would replace the keys it lists by their defaults
+_NETWORK_METADATA = ("_class_name", "_diffusers_version", "_name_or_path")
+_SCHEDULER_METADATA = ("_class_name", "_diffusers_version")
+# the noise schedules and prediction targets medfusion trains (diffusion/objective.py); a learned
+# variance needs a U-Net with twice the output channels, which ours is not
+_BETA_SCHEDULES = tuple(
+    DiffusionConfig(beta_schedule=s).scheduler_config()["beta_schedule"] for s in BETA_SCHEDULES
+)
+_SCHEDULER_CHOICES = {  # narrower than DDPMScheduler's annotations
+    "beta_schedule": typing.Literal[_BETA_SCHEDULES],
+    "prediction_type": typing.Literal[PREDICTION_TYPES],
+    "variance_type": typing.Literal["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"],
+}
+_SCHEDULER_RANGES = {
+    "num_train_timesteps": (lambda v: v >= 1, ">= 1"),
+    "beta_start": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "beta_end": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "dynamic_thresholding_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "clip_sample_range": (lambda v: v > 0, "> 0"),
+    "sample_max_value": (lambda v: v > 0, "> 0"),
+    "steps_offset": (lambda v: v >= 0, ">= 0"),
+}
+# the keys of the normalisation record: DataConfig's intensity fields and the tensors' range
+_NORMALIZATION_KEYS = ("normalization", "percentiles", "window", "per_channel", "range")
+_NUMERIC_DTYPE_KINDS = "biuf"  # bool, signed and unsigned integers, floats
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # a window beyond it cannot be written as float32
 
 
 class ModelFolderError(ValueError):
-    """A model folder is missing a part, or its parts do not fit together."""
+    """A model folder is missing a part, a file in it breaks its schema (the message names the
+    file and the key), or its parts do not fit together."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +106,10 @@ class ModelInfo(Config):
         spacing: voxel size (physical order) of the training data, for writing volumes.
         version: medfusion version that wrote the folder.
         format: version of this folder layout.
+
+    Raises:
+        ValueError: naming the field, when a value is out of range: the same checks run when
+            training writes the folder and when it is read (``Config.from_dict`` checks the types).
     """
 
     spatial_dims: int = 2
@@ -76,6 +123,95 @@ class ModelInfo(Config):
     spacing: tuple[float, ...] | None = None
     version: str = __version__
     format: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check_format(self.format)
+        if not _is_int(self.spatial_dims) or self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3; got {self.spatial_dims!r}")
+        _check_sizes("image_size", self.image_size, self.spatial_dims)
+        _check_sizes("latent_shape", self.latent_shape, self.spatial_dims + 1)
+        if not _is_int(self.channels) or self.channels < 1:
+            raise ValueError(f"channels must be an integer >= 1; got {self.channels!r}")
+        object.__setattr__(self, "class_names", check_class_names(self.class_names, source="class_names"))
+        if not _is_number(self.scaling_factor) or self.scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be a finite number > 0; got {self.scaling_factor!r}")
+        _check_normalization(self.normalization)
+        _check_source_dtype(self.source_dtype)
+        if self.spacing is not None and (
+            len(self.spacing) != self.spatial_dims or not all(_is_number(s) and s > 0 for s in self.spacing)
+        ):
+            raise ValueError(
+                f"spacing must be null or {self.spatial_dims} finite numbers > 0; got {list(self.spacing)}"
+            )
+        if not isinstance(self.version, str):
+            raise ValueError(f"version must be a string; got {self.version!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_format(value: Any) -> None:
+    if _is_int(value) and value > FORMAT_VERSION:
+        raise ValueError(
+            f"format {value} was written by a newer medfusion (this one, {__version__}, reads format "
+            f"{FORMAT_VERSION}); upgrade medfusion"
+        )
+    if value != FORMAT_VERSION or not _is_int(value):
+        raise ValueError(f"format must be {FORMAT_VERSION}; got {value!r}")
+
+
+def _check_sizes(name: str, sizes: Any, length: int) -> None:
+    if len(sizes) != length or not all(_is_int(s) and s >= 1 for s in sizes):
+        raise ValueError(f"{name} must be {length} integers >= 1; got {list(sizes)}")
+
+
+def _check_pair(name: str, value: Any, low: float = -math.inf, high: float = math.inf) -> None:
+    """``value`` is ``[a, b]``: finite numbers with ``low <= a < b <= high``."""
+    if not (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(_is_number(v) for v in value)
+        and low <= value[0] < value[1] <= high
+    ):
+        bounds = "" if math.isinf(low) else f" within [{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be [low, high]: two finite numbers, low < high{bounds}; got {value!r}")
+
+
+def _check_normalization(record: Any) -> None:
+    """The normalisation record: DataConfig's intensity fields (see ``training.diffusion.model_info``)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"normalization must be a mapping; got {record!r}")
+    unknown = sorted(set(record) - set(_NORMALIZATION_KEYS))
+    if unknown:
+        raise ValueError(f"normalization: unknown key(s) {unknown}; allowed: {list(_NORMALIZATION_KEYS)}")
+    mode = record.get("normalization", "auto")
+    if mode not in NORMALIZATION_MODES:
+        raise ValueError(f"normalization.normalization must be one of {NORMALIZATION_MODES}; got {mode!r}")
+    if "percentiles" in record:
+        _check_pair("normalization.percentiles", record["percentiles"], 0.0, 100.0)
+    if record.get("window") is not None:
+        _check_pair("normalization.window", record["window"], -_FLOAT32_MAX, _FLOAT32_MAX)
+    if "range" in record:
+        _check_pair("normalization.range", record["range"])
+    if not isinstance(record.get("per_channel", True), bool):
+        raise ValueError(f"normalization.per_channel must be true or false; got {record['per_channel']!r}")
+
+
+def _check_source_dtype(name: Any) -> None:
+    try:
+        dtype = np.dtype(name) if isinstance(name, str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in _NUMERIC_DTYPE_KINDS:
+        raise ValueError(
+            f"source_dtype must name a numeric numpy dtype (bool, int, uint or float, e.g. 'uint16'); "
+            f"got {name!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -108,7 +244,7 @@ def save_model_folder(
         ``path``.
     """
     _check_parts(unet, vae, info, Path(path))
-    scheduler = DDPMScheduler.from_config(scheduler_config)
+    scheduler = _scheduler_from_config(scheduler_config, "scheduler_config")
     index = {
         "_class_name": "MedfusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -200,46 +336,195 @@ def load_model_folder(
 ) -> ModelFolder:
     """Read a model folder written by :func:`save_model_folder` (no code from it is executed).
 
+    Every JSON file is checked against its schema, and the networks' configs against each other,
+    before any weights are read.
+
     Args:
         path: the folder.
         device: where to put the networks (default CPU).
         dtype: cast the networks to this dtype (default: as saved, float32).
     Raises:
-        ModelFolderError: a part is missing or unreadable, names a class other than the allowed
-            ones, or the parts do not fit together.
+        ModelFolderError: a part is missing or unreadable, a file holds an unknown key, a value of
+            the wrong type or out of range (the message names the file and the key), names a class
+            other than the allowed ones, or the parts do not fit together.
     """
     path = Path(path)
     if not path.is_dir():
         raise ModelFolderError(f"{path}: not a folder (expected a medfusion model folder)")
-    index = _read_json(path / MODEL_INDEX)
-    for name, component in _COMPONENTS.items():
-        if index.get(name) != list(component):
-            raise ModelFolderError(
-                f"{path / MODEL_INDEX}: {name} must be {list(component)}; got {index.get(name)!r}"
-            )
-    try:
-        info = ModelInfo.from_dict(_read_json(path / INFO_FILE), source=str(path / INFO_FILE))
-    except ModelFolderError:
-        raise
-    except ValueError as e:
-        raise ModelFolderError(str(e)) from e
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
-    scheduler = DDPMScheduler.from_config(scheduler_config)
-    parts = {}
-    for name, cls in (("unet", UNet), ("vae", VAE)):
-        folder = path / name
-        _read_json(folder / "config.json")
-        if not any(folder.glob("*.safetensors")):
-            raise ModelFolderError(f"{folder}: no *.safetensors weights")
-        try:
-            parts[name] = cls.from_pretrained(folder, use_safetensors=True)
-        except (OSError, ValueError, RuntimeError, TypeError) as e:
-            raise ModelFolderError(f"{folder}: cannot load the {name}: {e}") from e
+    _check_index(path / MODEL_INDEX)
+    info = _read_info(path / INFO_FILE)
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = _scheduler_from_config(_read_json(scheduler_file), str(scheduler_file))
+    skeletons = {name: _network_skeleton(path / name / "config.json", cls) for name, cls in _NETWORKS.items()}
+    _check_parts(skeletons["unet"], skeletons["vae"], info, path)
+    parts = {name: _load_weights(path / name, cls) for name, cls in _NETWORKS.items()}
     unet, vae = parts["unet"], parts["vae"]
-    _check_parts(unet, vae, info, path)
     unet.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     if device is not None or dtype is not None:
         nn.Module.to(unet, device=device, dtype=dtype)  # ModelMixin.to warns on every dtype cast
         nn.Module.to(vae, device=device, dtype=dtype)
     return ModelFolder(unet, vae, scheduler, info, path)
+
+
+def _check_index(file: Path) -> None:
+    """``model_index.json``: the fixed allow-list of classes and diffusers' bookkeeping."""
+    index = _read_json(file)
+    unknown = sorted(set(index) - set(_COMPONENTS) - set(_INDEX_METADATA))
+    if unknown:
+        raise ModelFolderError(
+            f"{file}: unknown key(s) {unknown}; allowed: {[*_INDEX_METADATA, *_COMPONENTS]}"
+        )
+    for key, required in _INDEX_METADATA.items():
+        _check_metadata(file, index, key, required)
+    for name, component in _COMPONENTS.items():
+        if index.get(name) != list(component):
+            raise ModelFolderError(f"{file}: {name} must be {list(component)}; got {index.get(name)!r}")
+
+
+def _check_metadata(where: Path | str, config: dict, key: str, required: str | None) -> None:
+    """``config[key]``, when given, is the string ``required`` (None: any string)."""
+    if key not in config:
+        return
+    value = config[key]
+    if not isinstance(value, str) or (required is not None and value != required):
+        expected = repr(required) if required is not None else "a string"
+        raise ModelFolderError(f"{where}: {key} must be {expected}; got {value!r}")
+
+
+def _read_info(file: Path) -> ModelInfo:
+    """``medfusion.json``: its keys and types (``Config.from_dict``), its values (``ModelInfo``)."""
+    data = _read_json(file)
+    try:
+        if "format" in data:  # first: a newer layout may hold keys this version does not know
+            _check_format(data["format"])
+        return ModelInfo.from_dict(data, source=str(file))
+    except ValueError as e:
+        message = str(e)
+        raise ModelFolderError(message if message.startswith(f"{file}:") else f"{file}: {message}") from e
+
+
+def _scheduler_from_config(config: dict, where: str) -> DDPMScheduler:
+    """The training schedule of a ``DDPMScheduler`` config, once it passed
+    :func:`_check_scheduler_config`, with its ``alphas_cumprod`` strictly between 0 and 1."""
+    _check_scheduler_config(config, where)
+    try:
+        scheduler = DDPMScheduler.from_config(config)
+    except (ValueError, TypeError, NotImplementedError, ArithmeticError) as e:
+        raise ModelFolderError(f"{where}: not a valid noise schedule: {e}") from e
+    alphas = scheduler.alphas_cumprod
+    if not (torch.isfinite(alphas).all() and (alphas > 0).all() and (alphas < 1).all()):
+        raise ModelFolderError(
+            f"{where}: the schedule's alphas_cumprod must lie strictly between 0 and 1; got "
+            f"{float(alphas.min()):g} .. {float(alphas.max()):g} (check the betas and rescale_betas_zero_snr)"
+        )
+    return scheduler
+
+
+def _check_scheduler_config(config: dict, where: str) -> None:
+    """Every key is one ``DDPMScheduler`` takes, of its type, and its value one medfusion trains
+    and samples with; ``where`` names the file."""
+    _check_init_config(DDPMScheduler, config, where, _SCHEDULER_METADATA, _SCHEDULER_CHOICES)
+    values = {**_defaults(DDPMScheduler), **config}
+    for key, (fits, expected) in _SCHEDULER_RANGES.items():
+        if not fits(values[key]):
+            raise ModelFolderError(f"{where}: {key} must be {expected}; got {values[key]!r}")
+    steps, betas = values["num_train_timesteps"], values["trained_betas"]
+    if values["beta_start"] > values["beta_end"]:
+        raise ModelFolderError(
+            f"{where}: beta_start must be <= beta_end; got {values['beta_start']}, {values['beta_end']}"
+        )
+    if betas is not None and (len(betas) != steps or not all(0 < b < 1 for b in betas)):
+        shown = f"{betas[:8]}{' ...' if len(betas) > 8 else ''}"
+        raise ModelFolderError(
+            f"{where}: trained_betas must be null or num_train_timesteps ({steps}) numbers in (0, 1); "
+            f"got {len(betas)}: {shown}"
+        )
+    if values["steps_offset"] >= steps:
+        raise ModelFolderError(
+            f"{where}: steps_offset must be < num_train_timesteps ({steps}); got {values['steps_offset']}"
+        )
+
+
+def _network_skeleton(file: Path, cls: type[UNet] | type[VAE]) -> UNet | VAE:
+    """The network of ``config.json`` built on the meta device (its own argument checks run; no
+    memory is taken, no weights are read)."""
+    config = _read_json(file)
+    _check_init_config(cls, config, str(file), _NETWORK_METADATA)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ModelFolderError(f"{file}: {e}") from e
+
+
+def _load_weights(folder: Path, cls: type[UNet] | type[VAE]) -> UNet | VAE:
+    if not any(folder.glob("*.safetensors")):
+        raise ModelFolderError(f"{folder}: no *.safetensors weights")
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise ModelFolderError(f"{folder}: cannot load the {folder.name}: {e}") from e
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    return {p.name: p.default for p in parameters}
+
+
+def _check_init_config(
+    cls: type, config: dict, where: str, metadata: tuple[str, ...], narrower: dict | None = None
+) -> None:
+    """Every key of ``config`` is a parameter of ``cls.__init__`` (diffusers' ``ConfigMixin``
+    would ignore any other) or one of its ``metadata`` keys, each value of the parameter's
+    annotated type (or of the ``narrower`` one given for it)."""
+    defaults = _defaults(cls)
+    unknown = sorted(set(config) - set(defaults) - set(metadata))
+    if unknown:
+        raise ModelFolderError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(defaults)}")
+    for key in metadata:
+        _check_metadata(where, config, key, cls.__name__ if key == "_class_name" else None)
+    hints = {**typing.get_type_hints(cls.__init__), **(narrower or {})}
+    for key, value in config.items():
+        hint = hints.get(key, type(defaults.get(key)))
+        if key in defaults and not _fits(value, hint):
+            raise ModelFolderError(f"{where}: {key} must be {_describe(hint)}; got {value!r}")
+
+
+_UNIONS = (typing.Union, types.UnionType)
+_SCALARS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+_ITEMS = {bool: "true/false values", int: "integers", float: "finite numbers", str: "strings"}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether the parsed JSON ``value`` is of the annotated type ``hint`` (a bool is no number)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in _UNIONS:
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            return False
+        items = args[:1] * len(value) if len(args) < 2 or args[1] is Ellipsis else args
+        return len(items) == len(value) and all(map(_fits, value, items))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_number(value)
+    return hint is str and isinstance(value, str)  # nothing else (arrays, objects) comes from JSON
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in _UNIONS:
+        return " or ".join(_describe(arg) for arg in args if arg is not np.ndarray)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in (tuple, list):
+        return f"a list of {_ITEMS.get(args[0], 'values') if args else 'values'}"
+    return "null" if hint is type(None) else _SCALARS.get(hint, str(hint))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medfusion import __version__
+from medfusion.runlock import LOCK_NAME, run_lock
 from medfusion.utils import atomic_write_text, process_state
 
 DATASETS_2D = ("xray", "color")
@@ -98,10 +99,11 @@ def plan_steps(stage: str, seconds_per_step: float, budget_seconds: float) -> in
 
 
 def _check_out(out: Path, force: bool) -> None:
-    """``out`` must be new, empty, or (with ``force``) an earlier demo run, whose outputs are removed."""
+    """``out`` must be new, empty (but for a lock file), or (with ``force``) an earlier demo run,
+    whose outputs are removed."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a folder for the demo run")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
         return
     if not (out / DEMO_FILE).is_file() and not (out / "autoencoder").is_dir():
         raise FileExistsError(f"--out {out} is not empty and not a medfusion demo run; choose another folder")
@@ -152,9 +154,6 @@ def run_demo(
         progress: progress bars.
         log: where stage headers and summaries go.
     """
-    from medfusion.data.demo import build_demo_data
-    from medfusion.data.inspect import inspect_dataset
-
     dataset = dataset or (DATASET_3D if three_d else DATASETS_2D[0])
     if dataset not in (*DATASETS_2D, DATASET_3D):
         raise ValueError(f"--dataset must be one of {(*DATASETS_2D, DATASET_3D)}; got {dataset!r}")
@@ -165,8 +164,16 @@ def run_demo(
     if process_state().num_processes > 1:
         raise RuntimeError("medfusion demo runs in one process; use the single commands under a launcher")
     out = Path(out)
-    _check_out(out, force)
     device = _device(device)
+    with run_lock(out, "medfusion demo"):  # the stages lock their own folders (or this one again)
+        _check_out(out, force)
+        return _run_stages(out, dataset, minutes, data_dir, device, seed, progress, log)
+
+
+def _run_stages(out: Path, dataset: str, minutes: float, data_dir, device: str, seed: int, progress, log):
+    from medfusion.data.demo import build_demo_data
+    from medfusion.data.inspect import inspect_dataset
+
     spatial_dims = 3 if dataset == DATASET_3D else 2
     profile = PROFILES[(spatial_dims, "cuda" if device.startswith("cuda") else "cpu")]
     budget = 60.0 * minutes

@@ -25,6 +25,7 @@ from medfusion.data.dataset import ImageFolderDataset, build_transform
 from medfusion.metrics.distribution import density_coverage, fid, kid, memorisation_audit, precision_recall
 from medfusion.metrics.diversity import diversity
 from medfusion.metrics.features import FeatureExtractor
+from medfusion.runlock import run_lock
 from medfusion.utils import atomic_write_text
 
 METRICS_FILE = "metrics.json"
@@ -164,57 +165,60 @@ def evaluate(
     out = Path(out)
     data = data or DataConfig()
     datasets, image_size = open_folders({"real": real, "fake": fake, "train": train}, data)
-    sets = {
-        name: read_image_set(dataset, extractor, batch_size, device, progress)
-        for name, dataset in datasets.items()
-    }
-    real_set, fake_set = sets["real"], sets["fake"]
-    results: dict = {
-        "extractor": extractor.name,
-        "note": "FIDs from different extractors are not comparable",
-        "real": str(real),
-        "fake": str(fake),
-        "train": str(train) if train is not None else None,
-        "image_size": list(image_size),
-        "normalization": data.normalization,
-        "medfusion_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "overall": distribution_metrics(real_set.features, fake_set.features, kid_subsets),
-        "per_class": {},
-    }
-    shared = [c for c in real_set.classes if c is not None and c in fake_set.classes]
-    for label in shared:
-        results["per_class"][label] = distribution_metrics(
-            _select(real_set, label), _select(fake_set, label), kid_subsets
-        )
-    results["diversity"] = {
-        name: {str(k): v for k, v in diversity(*_kept_images(s)).per_class.items()}
-        for name, s in (("real", real_set), ("fake", fake_set))
-        if any(len(v) >= 2 for v in s.kept.values())
-    }
-    if pipeline is not None:
-        results["pipeline"] = pipeline
-    audit = None
-    if "train" in sets:
-        train_features = sets["train"].features
-        audit = memorisation_audit(train_features, fake_set.features, real_set.features, quantile=quantile)
-        results["memorisation"] = {
-            "quantile": audit.quantile,
-            "threshold": audit.threshold,
-            "fraction_flagged": audit.fraction_flagged,
-            "flagged": len(audit.flagged),
-            "closest": [
-                {"fake": _path(fake_set, i), "train": _path(sets["train"], j), "distance": d}
-                for i, j, d in audit.closest
-            ],
+    with run_lock(out, "medfusion evaluate"):
+        sets = {
+            name: read_image_set(dataset, extractor, batch_size, device, progress)
+            for name, dataset in datasets.items()
         }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / METRICS_FILE, json.dumps(results, indent=2) + "\n")
-    from medfusion.metrics.report import write_report
+        real_set, fake_set = sets["real"], sets["fake"]
+        results: dict = {
+            "extractor": extractor.name,
+            "note": "FIDs from different extractors are not comparable",
+            "real": str(real),
+            "fake": str(fake),
+            "train": str(train) if train is not None else None,
+            "image_size": list(image_size),
+            "normalization": data.normalization,
+            "medfusion_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "overall": distribution_metrics(real_set.features, fake_set.features, kid_subsets),
+            "per_class": {},
+        }
+        shared = [c for c in real_set.classes if c is not None and c in fake_set.classes]
+        for label in shared:
+            results["per_class"][label] = distribution_metrics(
+                _select(real_set, label), _select(fake_set, label), kid_subsets
+            )
+        results["diversity"] = {
+            name: {str(k): v for k, v in diversity(*_kept_images(s)).per_class.items()}
+            for name, s in (("real", real_set), ("fake", fake_set))
+            if any(len(v) >= 2 for v in s.kept.values())
+        }
+        if pipeline is not None:
+            results["pipeline"] = pipeline
+        audit = None
+        if "train" in sets:
+            train_features = sets["train"].features
+            audit = memorisation_audit(
+                train_features, fake_set.features, real_set.features, quantile=quantile
+            )
+            results["memorisation"] = {
+                "quantile": audit.quantile,
+                "threshold": audit.threshold,
+                "fraction_flagged": audit.fraction_flagged,
+                "flagged": len(audit.flagged),
+                "closest": [
+                    {"fake": _path(fake_set, i), "train": _path(sets["train"], j), "distance": d}
+                    for i, j, d in audit.closest
+                ],
+            }
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / METRICS_FILE, json.dumps(results, indent=2) + "\n")
+        from medfusion.metrics.report import write_report
 
-    write_report(out / REPORT_FILE, results, real_set, fake_set, sets.get("train"), audit)
-    log(f"# {headline(results)}\n# wrote {out / METRICS_FILE} and {out / REPORT_FILE}")
-    return results
+        write_report(out / REPORT_FILE, results, real_set, fake_set, sets.get("train"), audit)
+        log(f"# {headline(results)}\n# wrote {out / METRICS_FILE} and {out / REPORT_FILE}")
+        return results
 
 
 def headline(results: dict) -> str:

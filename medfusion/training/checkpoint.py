@@ -7,10 +7,14 @@ missing or disagrees with the files is reported and skipped by :meth:`Checkpoint
 
 Only one process (the main one) may save into a given root at a time: :meth:`CheckpointManager.save`
 removes hidden temporary folders that it finds there, assuming they were left by a killed run.
+
+A write that fails (a full disk, a quota) raises an ``OSError`` naming the checkpoint folder, and
+the earlier checkpoints stay as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +28,7 @@ from typing import Any
 
 from medfusion import __version__
 from medfusion.training.state_io import CheckpointError
-from medfusion.utils import atomic_dir, atomic_write_text
+from medfusion.utils import PathError, atomic_dir, atomic_write_text
 
 __all__ = ["MANIFEST_NAME", "CheckpointError", "CheckpointManager"]
 
@@ -106,6 +110,14 @@ def _file_problems(folder: Path, entry: dict[str, Any]) -> list[str]:
     return []
 
 
+def _save_failure(final: Path, error: OSError, earlier: bool) -> PathError:
+    reason = error.strerror or str(error)
+    if not reason.startswith("cannot write"):
+        reason = f"cannot write: {reason}"
+    note = "; the earlier checkpoints are kept" if earlier else ""
+    return PathError(error.errno or errno.EIO, f"{reason}{note}", str(final))
+
+
 class CheckpointManager:
     """The checkpoints of one run, ``root/step_<step:06d>/``, each with a ``checkpoint.json`` manifest.
 
@@ -137,15 +149,23 @@ class CheckpointManager:
             The final checkpoint folder. If ``write`` raises, the exception propagates and neither
             the temporary folder nor a folder under the final name remains (an existing checkpoint
             for ``step`` is kept).
+
+        Raises:
+            OSError: a write failed (a full disk, no permission; safetensors' errors included): a
+                :class:`~medfusion.utils.PathError` naming the checkpoint folder.
         """
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale()
         final = self.folder(step)
-        with atomic_dir(final, overwrite=True) as tmp:
-            write(tmp)
-            _write_manifest(tmp, step)
+        earlier = bool(self.list())
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
+            with atomic_dir(final, overwrite=True) as tmp:
+                write(tmp)
+                _write_manifest(tmp, step)
+        except OSError as error:  # atomic_dir names the file, a temporary one: name the checkpoint
+            raise _save_failure(final, error, earlier) from error
         self._prune(keep=final)
         return final
 

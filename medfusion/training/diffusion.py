@@ -21,11 +21,19 @@ from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import ImageFolderDataset, build_transform
 from medfusion.diffusion.objective import DiffusionConfig, DiffusionObjective
 from medfusion.diffusion.unet import UNet, UNetConfig
+from medfusion.runlock import run_lock
 from medfusion.samplers.model_folder import ModelInfo, save_model_folder
 from medfusion.samplers.sampling import sample_latents
 from medfusion.samplers.schedulers import make_scheduler
 from medfusion.training.latents import LatentDataset, build_latent_cache, cache_fingerprint
-from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult, process_state, train
+from medfusion.training.loop import (
+    TrainConfig,
+    TrainingTask,
+    TrainResult,
+    check_new_run,
+    process_state,
+    train,
+)
 from medfusion.training.vae import load_vae
 from medfusion.utils import atomic_write_text
 
@@ -233,6 +241,7 @@ def train_diffusion(
     torch.manual_seed(config.train.seed)
     unet = config.model.build(vae.config.spatial_dims, vae.config.latent_channels, config.model.num_classes)
     unet._check_input(torch.empty(1, *latent_shape, device="meta"))  # latent size vs levels
+    info = model_info(dataset, config, vae, latent_shape)  # checked now (class names ...), not after training
     if state.is_main_process:
         params = sum(p.numel() for p in unet.parameters()) / 1e6
         classes = ", ".join(dataset.class_names) if config.model.num_classes else "none (unconditional)"
@@ -244,43 +253,49 @@ def train_diffusion(
         )
     if dry_run:
         return None
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-    train_set: Dataset = dataset
-    if config.cache_latents:
-        fingerprint = cache_fingerprint(vae, dataset, config.data.to_dict())
+    with run_lock(out, "medfusion train"):
+        check_new_run(run_dir, resume)  # before config.yaml replaces an earlier run's
         if state.is_main_process:
-            build_latent_cache(
-                vae,
-                dataset,
-                run_dir / "latents",
-                fingerprint,
-                batch_size=config.train.batch_size,
-                device=state.device,
-                num_workers=config.train.num_workers,
-                progress=progress,
-            )
-        state.wait_for_everyone()
-        train_set = LatentDataset(run_dir / "latents", samples=dataset.samples)
-    task = DiffusionTask(unet, vae, config, latent_shape)
-    preview = {"label": preview_labels(config.model.num_classes, config.preview)}
-    result = train(
-        task,
-        train_set,
-        run_dir,
-        config.train,
-        resume=resume,
-        preview_batch=preview,
-        callback=callback,
-        progress=progress,
-    )
-    if state.is_main_process:
-        info = model_info(dataset, config, vae, latent_shape)
-        trained = result.models["unet"].to("cpu")
-        path = save_model_folder(
-            out / MODEL_DIR, trained, vae.to("cpu"), config.diffusion.scheduler_config(), info
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+        train_set = _training_set(dataset, vae, config, run_dir, state, progress)
+        task = DiffusionTask(unet, vae, config, latent_shape)
+        preview = {"label": preview_labels(config.model.num_classes, config.preview)}
+        result = train(
+            task,
+            train_set,
+            run_dir,
+            config.train,
+            resume=resume,
+            preview_batch=preview,
+            callback=callback,
+            progress=progress,
         )
-        log(f"saved the model folder {path} (U-Net EMA weights, VAE, schedule, {path / 'medfusion.json'})")
-    state.wait_for_everyone()
+        if state.is_main_process:
+            trained = result.models["unet"].to("cpu")
+            path = save_model_folder(
+                out / MODEL_DIR, trained, vae.to("cpu"), config.diffusion.scheduler_config(), info
+            )
+            log(f"saved the model folder {path} (U-Net EMA weights, VAE, schedule, medfusion.json)")
+        state.wait_for_everyone()
     return result
+
+
+def _training_set(dataset: ImageFolderDataset, vae: VAE, config, run_dir: Path, state, progress) -> Dataset:
+    """The images, or with ``cache_latents`` their latents (the cache built by the main process)."""
+    if not config.cache_latents:
+        return dataset
+    fingerprint = cache_fingerprint(vae, dataset, config.data.to_dict())
+    if state.is_main_process:
+        build_latent_cache(
+            vae,
+            dataset,
+            run_dir / "latents",
+            fingerprint,
+            batch_size=config.train.batch_size,
+            device=state.device,
+            num_workers=config.train.num_workers,
+            progress=progress,
+        )
+    state.wait_for_everyone()
+    return LatentDataset(run_dir / "latents", samples=dataset.samples)

@@ -22,7 +22,15 @@ from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import ImageFolderDataset, build_transform
 from medfusion.data.transforms import Compose, Resize
 from medfusion.metrics.features import ENCODER_DIR, DomainEncoder
-from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult, process_state, train
+from medfusion.runlock import run_lock
+from medfusion.training.loop import (
+    TrainConfig,
+    TrainingTask,
+    TrainResult,
+    check_new_run,
+    process_state,
+    train,
+)
 from medfusion.utils import atomic_dir, atomic_write_text
 
 MAX_DEFAULT_SIDE = 128
@@ -209,15 +217,16 @@ def train_domain_encoder(
         )
     if dry_run:
         return None
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", config.to_yaml())
-    trainer = EncoderTrainer(encoder, config.projection_dim, num_classes)
-    task = FeaturesTask(trainer, config, seed=config.train.seed + state.process_index)
-    result = train(task, dataset, out, config.train, resume=resume, callback=callback, progress=progress)
-    if state.is_main_process:
-        with atomic_dir(out / ENCODER_DIR, overwrite=True) as tmp:
-            result.models["encoder"].encoder.save_pretrained(tmp, safe_serialization=True)
-        log(f"# saved the domain encoder to {out / ENCODER_DIR} (use it with --features {out})")
-    state.wait_for_everyone()
+    with run_lock(out, "medfusion features train"):
+        check_new_run(out, resume)  # before config.yaml replaces an earlier run's
+        if state.is_main_process:
+            atomic_write_text(out / "config.yaml", config.to_yaml())
+        trainer = EncoderTrainer(encoder, config.projection_dim, num_classes)
+        task = FeaturesTask(trainer, config, seed=config.train.seed + state.process_index)
+        result = train(task, dataset, out, config.train, resume=resume, callback=callback, progress=progress)
+        if state.is_main_process:
+            with atomic_dir(out / ENCODER_DIR, overwrite=True) as tmp:
+                result.models["encoder"].encoder.save_pretrained(tmp, safe_serialization=True)
+            log(f"# saved the domain encoder to {out / ENCODER_DIR} (use it with --features {out})")
+        state.wait_for_everyone()
     return result

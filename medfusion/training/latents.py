@@ -111,6 +111,10 @@ class LatentDataset(Dataset):
         meta = _read_meta(folder)
         if meta is None or meta.get("format") != CACHE_FORMAT:
             raise ValueError(f"{folder}: not a latent cache of this medfusion version (latents.json)")
+        if type(meta.get("items")) is not int or meta["items"] < 0:
+            raise ValueError(
+                f"{folder / 'latents.json'}: items must be an integer >= 0; got {meta.get('items')!r}"
+            )
         tensors = load_file(folder / "latents.safetensors")
         self.mean, self.std = tensors["mean"], tensors["std"]
         self.label, self.index = tensors["label"], tensors["index"]

@@ -37,13 +37,20 @@ from tqdm.auto import tqdm
 
 from medfusion.config import Config
 from medfusion.nn.layers import to_channels_last
-from medfusion.training.checkpoint import CheckpointManager
+from medfusion.training.checkpoint import CheckpointManager, _step_of
 from medfusion.training.state_io import CheckpointError, load_state, rng_state, save_state, set_rng_state
-from medfusion.utils import COMPILE_MODES, cpu_only, process_state  # noqa: F401 (re-exported)
+from medfusion.utils import (  # noqa: F401 (COMPILE_MODES, cpu_only, process_state: re-exported)
+    COMPILE_MODES,
+    atomic_path,
+    atomic_write_text,
+    cpu_only,
+    process_state,
+)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 TRAINER_FILE = "trainer.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -213,17 +220,24 @@ def _tensorboard_available() -> bool:
 
 
 class _Logger:
-    """Scalars to TensorBoard and ``metrics.jsonl``, images to PNG and TensorBoard (main process)."""
+    """Scalars to TensorBoard and ``metrics.jsonl``, images to PNG and TensorBoard (main process).
 
-    def __init__(self, accelerator: Accelerator, log_dir: Path, name: str):
+    ``resumed_from``: the step a resumed run continues from; the records of later steps (logged
+    by the interrupted run after its last checkpoint) are dropped from ``metrics.jsonl`` and hidden
+    in TensorBoard, so that each step is logged once. None: a new run, ``metrics.jsonl`` starts empty.
+    """
+
+    def __init__(self, accelerator: Accelerator, log_dir: Path, name: str, resumed_from: int | None = None):
         self.accelerator = accelerator
         self.log_dir = log_dir
         self.history: list[dict] = []
         self.tensorboard = False
         if accelerator.is_main_process:
             log_dir.mkdir(parents=True, exist_ok=True)
+            _restart_metrics(log_dir / METRICS_FILE, resumed_from)
         if _tensorboard_available():
-            accelerator.init_trackers(name)
+            purge = {"tensorboard": {"purge_step": resumed_from + 1}} if resumed_from is not None else {}
+            accelerator.init_trackers(name, init_kwargs=purge)
             self.tensorboard = True
         elif accelerator.is_main_process:
             warnings.warn("tensorboard is not installed: scalars go to metrics.jsonl only", stacklevel=3)
@@ -235,7 +249,7 @@ class _Logger:
             self.accelerator.log(values, step=step)
         record = {"step": step, **values}
         self.history.append(record)
-        with open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(self.log_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def images(self, tag: str, images: torch.Tensor, step: int, nrow: int = 8) -> Path:
@@ -255,6 +269,29 @@ class _Logger:
         if self.tensorboard and self.accelerator.is_main_process:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
+
+
+def _restart_metrics(path: Path, resumed_from: int | None) -> None:
+    """Keep the records of ``path`` up to step ``resumed_from`` (a torn last line dropped too);
+    None: remove it. Rewritten through a temporary file and a rename."""
+    if resumed_from is None:
+        path.unlink(missing_ok=True)
+        return
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and record["step"] <= resumed_from
+        ):
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 def _describe_batch(dataset: Dataset, batch: dict) -> str:
@@ -326,7 +363,8 @@ def _save_checkpoint(
     def write(folder: Path) -> None:
         for name, module in modules.items():
             state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-            save_file(state, folder / f"model_{name}.safetensors")
+            with atomic_path(folder / f"model_{name}.safetensors") as tmp:  # (it sets the file mode)
+                save_file(state, tmp)
             save_state(optimizers[name].state_dict(), folder / f"optimizer_{name}")
             save_state(schedulers[name].state_dict(), folder / f"scheduler_{name}")
         if ema is not None:
@@ -353,7 +391,7 @@ def _load_checkpoint(
     accelerator: Accelerator,
     config: TrainConfig,
 ) -> int:
-    trainer = json.loads((folder / TRAINER_FILE).read_text(encoding="utf-8"))
+    trainer = _read_trainer(folder)
     for name, module in modules.items():
         path = folder / f"model_{name}.safetensors"
         if not path.is_file():
@@ -386,6 +424,39 @@ def _load_checkpoint(
             stacklevel=3,
         )
     return int(trainer["step"])
+
+
+def check_new_run(out_dir: str | Path, resume: bool) -> None:
+    """Without ``resume``, refuse a run folder that already holds checkpoints (call it before
+    writing anything into the folder, so that an earlier run's files stay as they are)."""
+    checkpoints = Path(out_dir) / "checkpoints"
+    if not resume and CheckpointManager(checkpoints).list():
+        raise FileExistsError(
+            f"{checkpoints} already holds checkpoints: pass --resume (resume=True) to continue that "
+            "run, or choose another output folder"
+        )
+
+
+def _read_trainer(folder: Path) -> dict:
+    """``trainer.json`` of a checkpoint, checked: the step, the process count, the settings."""
+    path = folder / TRAINER_FILE
+    try:
+        trainer = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+    if not isinstance(trainer, dict) or set(trainer) != {"step", "processes", "train"}:
+        keys = sorted(trainer) if isinstance(trainer, dict) else type(trainer).__name__
+        raise CheckpointError(f"{path}: expected the keys step, processes and train; got {keys}")
+    for key in ("step", "processes"):
+        if type(trainer[key]) is not int or trainer[key] < (key == "processes"):
+            raise CheckpointError(
+                f"{path}: {key} must be an integer >= {int(key == 'processes')}; got {trainer[key]!r}"
+            )
+    if not isinstance(trainer["train"], dict):
+        raise CheckpointError(f"{path}: train must be a mapping of the training settings")
+    if _step_of(folder.name) not in (None, trainer["step"]):
+        raise CheckpointError(f"{path}: says step {trainer['step']}, the folder {folder.name}")
+    return trainer
 
 
 def measure_step_seconds(
@@ -453,7 +524,8 @@ def train(
         out_dir: the run folder.
         config: the training settings.
         resume: continue from the latest valid checkpoint in ``out_dir/checkpoints`` (a corrupt one
-            is reported and the one before it used). Without it, existing checkpoints are an error.
+            is reported and the one before it used); ``metrics.jsonl`` keeps the records up to its
+            step. Without it, existing checkpoints are an error and ``metrics.jsonl`` starts empty.
         preview_batch: a fixed batch for the preview grids (default: the first training items).
         callback: called on every process after each optimizer step with ``(step, scalars)``
             (scalars only on logging steps); it may raise to stop the run.
@@ -471,11 +543,7 @@ def train(
         project_dir=str(out_dir / "logs"),
     )
     manager = CheckpointManager(out_dir / "checkpoints", keep_last=config.keep_checkpoints)
-    if not resume and manager.list():
-        raise FileExistsError(
-            f"{out_dir / 'checkpoints'} already holds checkpoints: pass --resume (resume=True) to "
-            "continue that run, or choose another output folder"
-        )
+    check_new_run(out_dir, resume)
     world = accelerator.num_processes
     per_epoch = len(dataset) // (config.batch_size * world)
     if per_epoch < 1:
@@ -556,7 +624,7 @@ def train(
         preview_batch = next(iter(DataLoader(dataset, batch_size=min(8, len(dataset)), collate_fn=_collate)))
     preview_batch = _to_device(preview_batch, accelerator.device)
 
-    logger = _Logger(accelerator, out_dir / "logs", task.name)
+    logger = _Logger(accelerator, out_dir / "logs", task.name, resumed_from=step if resume else None)
     images_per_step = config.batch_size * world * config.gradient_accumulation_steps
     bar = tqdm(
         total=config.max_steps,

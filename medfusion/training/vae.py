@@ -24,7 +24,15 @@ from medfusion.autoencoders.vae import VAE, VAEConfig
 from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import DatasetSubset, ImageFolderDataset, build_transform, split_indices
 from medfusion.metrics.reconstruction import ReconstructionMeter, psnr
-from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult, process_state, train
+from medfusion.runlock import run_lock
+from medfusion.training.loop import (
+    TrainConfig,
+    TrainingTask,
+    TrainResult,
+    check_new_run,
+    process_state,
+    train,
+)
 from medfusion.utils import atomic_dir, atomic_write_text
 from medfusion.visualize import reconstruction_grid
 
@@ -232,24 +240,25 @@ def train_vae(
         log(f"# model: {params / 1e6:.2f} M parameters; images {item_shape} -> latents {latent}")
     if dry_run:
         return None
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", config.to_yaml())
-    task = VAETask(vae, VAELoss(config.loss, datasets.train.spatial_dims, datasets.train.channels))
-    preview = next(iter(DataLoader(datasets.heldout, batch_size=min(8, len(datasets.heldout)))))
-    result = train(
-        task,
-        datasets.train,
-        out,
-        config.train,
-        resume=resume,
-        preview_batch=preview,
-        callback=callback,
-        progress=progress,
-    )
-    if state.is_main_process:
-        _finish(result.models["vae"], datasets, out, config, state.device, progress, log)
-    state.wait_for_everyone()
+    with run_lock(out, "medfusion train-vae"):
+        check_new_run(out, resume)  # before config.yaml replaces an earlier run's
+        if state.is_main_process:
+            atomic_write_text(out / "config.yaml", config.to_yaml())
+        task = VAETask(vae, VAELoss(config.loss, datasets.train.spatial_dims, datasets.train.channels))
+        preview = next(iter(DataLoader(datasets.heldout, batch_size=min(8, len(datasets.heldout)))))
+        result = train(
+            task,
+            datasets.train,
+            out,
+            config.train,
+            resume=resume,
+            preview_batch=preview,
+            callback=callback,
+            progress=progress,
+        )
+        if state.is_main_process:
+            _finish(result.models["vae"], datasets, out, config, state.device, progress, log)
+        state.wait_for_everyone()
     return result
 
 

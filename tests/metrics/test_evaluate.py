@@ -188,3 +188,26 @@ def test_a_labels_csv_applies_to_the_real_folder_only(folders, tmp_path):
     )
     assert set(results["per_class"]) == set(CLASSES)
     assert results["overall"]["n_real"] == results["overall"]["n_fake"] == 24
+
+
+def test_an_output_folder_in_use_is_refused(folders, tmp_path, lock_holder):
+    """Two evaluations into one folder: the second stops before writing anything. The process that
+    holds the folder may evaluate into it (the demo into its own folder)."""
+    from medfusion.runlock import RunLockError, run_lock
+
+    out = tmp_path / "report"
+    holder = lock_holder(out, "medfusion evaluate")
+    with pytest.raises(RunLockError, match=f"pid {holder.pid} on host"):
+        evaluate(folders["real"], folders["fake"], out, load_extractor(folders["feat"]), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".medfusion.lock"]
+    holder.kill()
+    holder.wait()
+    with run_lock(out, "medfusion demo"):  # the caller's own lock: evaluate takes it again
+        evaluate(folders["real"], folders["fake"], out, load_extractor(folders["feat"]), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.html"]
+
+
+def test_refused_input_leaves_no_output_folder(folders, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate(folders["real"], tmp_path / "empty", tmp_path / "out", load_extractor(folders["feat"]))
+    assert not (tmp_path / "out").exists()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import medfusion
 from medfusion.training import checkpoint as checkpoint_module
 from medfusion.training.checkpoint import MANIFEST_NAME, CheckpointError, CheckpointManager
 from medfusion.training.state_io import load_state, save_state
+from medfusion.utils import atomic_path
 
 
 def _writer(payload: bytes = b"weights"):
@@ -101,6 +105,52 @@ def test_exception_in_write_leaves_nothing(manager):
         manager.save(60, failing)  # the existing checkpoint for that step survives
     assert _names(manager.root) == ["step_000030", "step_000060"]
     assert manager.validate(manager.folder(60)) == []
+
+
+FULL_DISK = [
+    # what safetensors raises on a full disk: no path, the errno only inside the text
+    SafetensorError(
+        "Error while serializing: "
+        'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    ),
+    OSError(errno.ENOSPC, "No space left on device"),  # a Python write (no filename either)
+]
+
+
+@pytest.mark.parametrize("error", FULL_DISK, ids=["safetensors", "oserror"])
+@pytest.mark.parametrize("where", ["atomic_path", "write"])
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_earlier_ones(manager, monkeypatch, error, where):
+    # a full disk: utils.write_error adds its hint when little room is left
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
+
+    def failing(folder: Path) -> None:
+        save_state({"w": torch.ones(3)}, folder / "optimizer_vae")
+        if where == "write":
+            raise error
+        with atomic_path(folder / "model_vae.safetensors"):  # as the training loop writes weights
+            raise error
+
+    with pytest.raises(OSError) as info:
+        manager.save(90, failing)
+    folder = manager.folder(90)
+    assert info.value.filename == str(folder)
+    message = str(info.value)
+    assert message.startswith(f"{folder}: cannot write: ") and "is the disk full?" in message
+    assert message.endswith("; the earlier checkpoints are kept")
+    assert _names(manager.root) == ["step_000030", "step_000060"]  # no half-written step_* left
+    assert manager.latest_valid() == (manager.folder(60), 60)
+
+
+def test_a_failed_first_checkpoint_leaves_nothing(tmp_path):
+    manager = CheckpointManager(tmp_path / "checkpoints")
+
+    def failing(folder: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(OSError) as info:
+        manager.save(1, failing)
+    assert info.value.errno == errno.EACCES and "earlier" not in str(info.value)
+    assert str(manager.folder(1)) in str(info.value) and _names(manager.root) == []
 
 
 def test_stale_temp_folder_ignored_then_cleaned(manager):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from _training_helpers import RetinaCrops, tiny_vae
+from safetensors import SafetensorError
 
 from medfusion.autoencoders.losses import VAELoss, VAELossConfig
+from medfusion.training import loop
+from medfusion.training.checkpoint import CheckpointManager
 from medfusion.training.loop import EpochSampler, TrainConfig, TrainingError, measure_step_seconds, train
 from medfusion.training.state_io import CheckpointError, load_state
 from medfusion.training.vae import VAETask
@@ -169,6 +173,64 @@ def test_logs_scalars_images_and_tensorboard(tmp_path, retina_crops):
     assert list((tmp_path / "logs" / "vae").glob("events.out.tfevents.*"))
 
 
+def _logged_steps(run) -> list[int]:
+    lines = (run / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, retina_crops):
+    config = BASE.replace(max_steps=8, checkpoint_every=4, log_every=2)
+    with pytest.raises(Stop):  # killed at step 6, after logging it; the last checkpoint is step 4
+        train(_task(), retina_crops, tmp_path, config, callback=_stop_at(6), progress=False)
+    assert _logged_steps(tmp_path) == [2, 4, 6]
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    with metrics.open("a") as f:  # what a run killed later still wrote, and a torn last line
+        f.write(json.dumps({"step": 7, "vae/loss": 123.0}) + "\n" + '{"step": 8, "vae/lo')
+    resumed = train(_task(), retina_crops, tmp_path, config, resume=True, progress=False)
+    assert _logged_steps(tmp_path) == [2, 4, 6, 8]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert records[2:] == resumed.history  # steps 6 and 8 as the resumed run logged them
+    assert all(r["vae/loss"] != 123.0 for r in records)
+
+
+def test_a_new_run_starts_a_new_log(tmp_path, retina_crops):
+    """A run that died before its first checkpoint leaves a log; starting over (no checkpoint to
+    resume from) starts the log over too."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.jsonl").write_text(json.dumps({"step": 2, "vae/loss": 9.0}) + "\n")
+    train(_task(), retina_crops, tmp_path, BASE.replace(max_steps=2), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2] and records[0]["vae/loss"] != 9.0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
+        OSError(28, ""),
+    ],
+    ids=["safetensors", "oserror"],
+)
+def test_a_full_disk_at_a_checkpoint_names_it_and_keeps_the_earlier_one(
+    tmp_path, retina_crops, monkeypatch, error
+):
+    def save_file(tensors, path, *args, **kwargs):
+        if "step_000004" in str(path):
+            raise error
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    real_save_file = loop.save_file
+    monkeypatch.setattr(loop, "save_file", save_file)
+    with pytest.raises(OSError) as info:
+        train(_task(), retina_crops, tmp_path, BASE.replace(max_steps=4, checkpoint_every=2), progress=False)
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    message = str(info.value)
+    assert info.value.filename == str(manager.folder(4))
+    assert message.startswith(f"{manager.folder(4)}: cannot write: ") and "checkpoints are kept" in message
+    assert [p.name for p in manager.root.iterdir()] == ["step_000002"]  # nothing half-written
+    assert manager.validate(manager.folder(2)) == []
+
+
 def test_dataset_smaller_than_a_batch(tmp_path):
     with pytest.raises(TrainingError, match="fewer than one global batch"):
         train(_task(), RetinaCrops(count=3), tmp_path, BASE, progress=False)
@@ -222,3 +284,30 @@ def test_measure_step_seconds_times_real_optimizer_steps():
     assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
     with pytest.raises(ValueError, match="repeats"):
         measure_step_seconds(task, batch, BASE, repeats=0)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "says"),
+    [
+        ("[1, 2]", "expected the keys step, processes and train"),
+        ('{"step": 5, "processes": 1}', "expected the keys step, processes and train"),
+        ('{"step": 5, "processes": 1, "train": {}, "evil": 1}', "expected the keys"),
+        ('{"step": "5", "processes": 1, "train": {}}', "step must be an integer >= 0; got '5'"),
+        ('{"step": true, "processes": 1, "train": {}}', "step must be an integer >= 0; got True"),
+        ('{"step": 5, "processes": 0, "train": {}}', "processes must be an integer >= 1; got 0"),
+        ('{"step": 5, "processes": 1, "train": []}', "train must be a mapping"),
+        ('{"step": 4, "processes": 1, "train": {}}', "says step 4, the folder step_000005"),
+        ("{", "cannot read"),
+    ],
+)
+def test_trainer_json_is_checked_against_its_schema(tmp_path, trainer, says):
+    from medfusion.training.loop import TRAINER_FILE, _read_trainer
+    from medfusion.training.state_io import CheckpointError
+
+    folder = tmp_path / "step_000005"
+    folder.mkdir()
+    (folder / TRAINER_FILE).write_text(trainer)
+    with pytest.raises(CheckpointError, match=f"^{folder / TRAINER_FILE}: .*{re.escape(says)}"):
+        _read_trainer(folder)
+    (folder / TRAINER_FILE).write_text('{"step": 5, "processes": 2, "train": {"seed": 0}}')
+    assert _read_trainer(folder)["processes"] == 2

@@ -63,6 +63,13 @@ def test_train_vae_2d_writes_model_checkpoints_logs_and_eval(crops_2d, tmp_path,
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 4
     assert not [p for p in (run / "vae").iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
 
+    # without --resume the run is refused before anything of it is replaced
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train-vae", "--data", str(crops_2d), "--out", str(run), "--max-steps", "3", *TINY]) == 1
+    assert "already holds checkpoints: pass --resume" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
     # --resume continues the same run from its own config (here: to a higher step count)
     capsys.readouterr()
     assert (
@@ -144,3 +151,52 @@ def test_two_processes_train_one_model(crops_2d, tmp_path):
     assert trainer["processes"] == 2
     assert done.stdout.count("saved ") == 1  # the main process alone saves and evaluates
     assert VAE.from_pretrained(run / "vae").config.in_channels == 1
+
+
+def test_a_run_folder_in_use_is_refused_and_left_alone(crops_2d, tmp_path, capsys, lock_holder):
+    """The first of two `train-vae --out RUN` keeps RUN; the second stops before writing anything."""
+    run = tmp_path / "run"
+    holder = lock_holder(run, "medfusion train-vae")
+    before = sorted(p.name for p in run.iterdir())
+    args = ["train-vae", "--data", str(crops_2d), "--out", str(run), "--max-steps", "1", *TINY]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{run} is in use by another medfusion run: pid {holder.pid} on host " in err
+    assert "choose another folder" in err
+    assert sorted(p.name for p in run.iterdir()) == before == [".medfusion.lock"]
+
+
+def test_every_file_of_a_run_follows_the_umask(crops_2d, tmp_path):
+    """One file mode policy: weights (safetensors' writer makes them owner-only) like the rest.
+    The files of RUN/vae rely on utils.atomic_dir applying the umask to the files it publishes."""
+    import os
+
+    run = tmp_path / "run"
+    old = os.umask(0o027)
+    try:
+        assert main(["train-vae", "--data", str(crops_2d), "--out", str(run), "--max-steps", "2", *TINY]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(run).as_posix(): p.stat().st_mode & 0o777 for p in run.rglob("*")}
+    assert "checkpoints/step_000002/model_vae.safetensors" in modes and "vae/config.json" in modes
+    assert any(name.startswith("logs/") for name in modes)
+    wrong = {
+        name: oct(mode) for name, mode in modes.items() if mode != (0o750 if (run / name).is_dir() else 0o640)
+    }
+    assert wrong == {}
+    assert not (run / ".medfusion.lock").exists()  # released with the run
+
+
+def test_a_full_disk_when_saving_the_vae_names_the_folder(crops_2d, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(VAE, "save_pretrained", full)
+    run = tmp_path / "run"
+    assert main(["train-vae", "--data", str(crops_2d), "--out", str(run), "--max-steps", "2", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert f"medfusion: error: {run / 'vae'}: cannot write: " in err and "Traceback" not in err
+    assert not (run / "vae").exists() and not [p for p in run.iterdir() if p.name.startswith(".vae")]
+    assert (run / "checkpoints" / "step_000002" / "checkpoint.json").is_file()  # the run can be resumed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,40 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  report: {result.report.resolve()}")
     print(f"  model folder: {result.out / 'model'} (medfusion sample {result.out / 'model'} --n N --out DIR)")
     return 0
+
+
+def _seed(text: str) -> int:
+    """An ``argparse`` type: a seed, an integer in 0 .. 2**64 - 1."""
+    from medfusion.utils import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}; got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}; got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text}")
+    return value
+
+
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        metavar="N",
+        help="refuse images/volumes of more than N pixels/voxels before decoding them (default 2**28; "
+        "also $MEDFUSION_MAX_PIXELS)",
+    )
 
 
 def _parse_overrides(pairs: Sequence[str]) -> dict:
@@ -233,6 +268,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         normalization=args.normalization,
         resize=tuple(args.size) if args.size else None,
         labels=args.labels,
+        skip_bad=args.skip_bad,
     )
     features = args.features
     if features is None:  # the default: a domain encoder trained on the real images, kept in OUT
@@ -302,6 +338,7 @@ def _add_training_options(parser: argparse.ArgumentParser, sections: str) -> Non
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     parser.add_argument("--labels", metavar="CSV", help="CSV with columns path,label ('none': unlabelled)")
     parser.add_argument("--skip-bad", action="store_true", help="leave out bad files with a warning")
+    _add_max_pixels(parser)
     parser.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
     parser.add_argument("--batch-size", type=int, help="images per process and step (train.batch_size)")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="train.mixed_precision")
@@ -341,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--headers-only", action="store_true", help="read headers only (fast; no value ranges)"
     )
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the summary as JSON")
+    _add_max_pixels(inspect)
     inspect.add_argument("--quiet", action="store_true", help="no progress bar")
     inspect.set_defaults(run=_data_inspect)
 
@@ -359,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("xray", "color", "volumes"),
         help="which datasets to build (default: all): xray, color (2D), volumes (3D)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the crop positions")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the crop positions")
     demo.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_data_demo)
@@ -395,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, help="demo data cache (default: ~/.cache/medfusion/demo-data)"
     )
     demo_run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    demo_run.add_argument("--seed", type=int, default=0, help="seed of the data, training and sampling")
+    demo_run.add_argument("--seed", type=_seed, default=0, help="seed of the data, training and sampling")
     demo_run.add_argument("--force", action="store_true", help="replace an earlier demo run in --out")
     demo_run.add_argument("--quiet", action="store_true", help="no progress bars")
     demo_run.set_defaults(run=_demo)
@@ -474,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--normalization", default="auto", help="intensity normalisation of every folder (default auto)"
     )
     evaluate.add_argument("--labels", metavar="CSV", help="labels CSV for REAL ('none': unlabelled)")
+    evaluate.add_argument(
+        "--skip-bad", action="store_true", help="leave unreadable files out of every folder (with a warning)"
+    )
+    _add_max_pixels(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--device", help="e.g. cuda (default cpu)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -489,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_vae.add_argument("--data", type=Path, required=True, help="images to reconstruct (held out)")
     evaluate_vae.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON here")
     evaluate_vae.add_argument("--max-images", type=int, default=1000)
+    _add_max_pixels(evaluate_vae)
     evaluate_vae.add_argument("--batch-size", type=int, default=16)
     evaluate_vae.add_argument("--device", help="e.g. cuda (default cpu)")
     evaluate_vae.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -536,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Karras et al.'s noise levels (dpmpp-2m, euler, heun, unipc): DPM++ 2M Karras",
     )
-    sample.add_argument("--seed", type=int, default=0, help="seed of sample 0 (sample i: SEED+i)")
+    sample.add_argument("--seed", type=_seed, default=0, help="seed of sample 0 (sample i: SEED+i)")
     sample.add_argument(
         "--batch-size", type=int, default=16, help="samples per batch and process (default 16)"
     )
@@ -560,14 +603,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(e: OSError) -> str:
+    from medfusion.utils import PathError
+
+    if isinstance(e, PathError) or not e.filename or not e.strerror:
+        return str(e)
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+    return f"{where}: {e.strerror}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medfusion`` command; returns the exit status."""
     from medfusion.data.errors import DataError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "max_pixels", None) is not None:  # read by every reader, DataLoader workers too
+        from medfusion.data.readers import MAX_PIXELS_ENV
+
+        os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
     try:
         return args.run(args)
-    except (DataError, ValueError, OSError, RuntimeError) as e:
+    except OSError as e:  # a full disk, no permission ...: one line naming the path
+        print(f"medfusion: error: {_os_error(e)}", file=sys.stderr)
+        return 1
+    except (DataError, ValueError, RuntimeError) as e:
         print(f"medfusion: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -175,5 +175,9 @@ class DataConfig(Config):
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100; got {self.percentiles!r}")
         if self.window is not None and not self.window[0] < self.window[1]:
             raise ValueError(f"window must be (low, high) with low < high; got {self.window!r}")
+        from medfusion.utils import MAX_SEED
+
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in 0..{MAX_SEED}; got {self.seed}")
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ValueError(f"flip_axes must be spatial axes 0, 1 or 2; got {self.flip_axes!r}")

@@ -81,3 +81,98 @@ def test_usage_error_exits_2(capsys):
         main(["data", "inspect"])
     assert e.value.code == 2
     assert "DATA" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# what the command line promises: suggested options exist, ranges are named, errors are one line
+
+
+def _options(parser) -> set[str]:
+    import argparse
+
+    found = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _options(sub)
+    return found
+
+
+def test_every_option_the_library_mentions_exists():
+    """Messages and docs suggest options (``pass --skip-bad``): each must be a real one."""
+    import re
+
+    import medfusion
+    from medfusion.cli import build_parser
+
+    launcher = {"--cpu"}  # ``accelerate launch --cpu``, not ours
+    known = _options(build_parser()) | launcher
+    package = Path(medfusion.__file__).parent
+    mentioned = {
+        (match.group(), path.relative_to(package).as_posix())
+        for path in package.rglob("*.py")
+        for match in re.finditer(r"(?<![\w-])--[a-z][a-z0-9-]*", path.read_text(encoding="utf-8"))
+    }
+    assert sorted(m for m in mentioned if m[0] not in known) == []
+
+
+def test_evaluate_takes_skip_bad_and_max_pixels(monkeypatch, tmp_path):
+    import medfusion.metrics.evaluate as evaluate_module
+    import medfusion.metrics.features as features_module
+    from medfusion.data.readers import MAX_PIXELS_ENV
+
+    seen = {}
+    monkeypatch.setattr(features_module, "load_extractor", lambda features, device: "extractor")
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setenv(MAX_PIXELS_ENV, "")  # recorded, so the value main() sets is undone afterwards
+    args = ["--real", str(tmp_path), "--fake", str(tmp_path), "--out", str(tmp_path / "r"), "--features", "x"]
+    assert main(["evaluate", *args, "--skip-bad", "--max-pixels", "1000"]) == 0
+    assert seen["data"].skip_bad is True
+    import os
+
+    assert os.environ[MAX_PIXELS_ENV] == "1000"  # read by the readers, DataLoader workers included
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["sample", "m", "--n", "1", "--out", "o", "--seed", "-1"],
+            "argument --seed: must be an integer in 0..",
+        ),
+        (["sample", "m", "--n", "1", "--out", "o", "--seed", "1e3"], "argument --seed: must be an integer"),
+        (["data", "inspect", "d", "--max-pixels", "0"], "argument --max-pixels: must be an integer >= 1"),
+        (["demo", "--seed", str(2**64)], "argument --seed: must be an integer in 0..18446744073709551615"),
+    ],
+)
+def test_option_ranges_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_path_below_a_file_is_one_line_naming_it(small_folder, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "s.json"  # as root, the case a permission error would be
+    assert main(["data", "inspect", str(small_folder), "--quiet", "--json", str(target)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"medfusion: error: {target}: cannot write: {tmp_path / 'file'} is not a folder"]
+
+
+def test_os_errors_are_one_line_naming_the_path(small_folder, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import medfusion.utils as utils
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(utils.os, "fsync", full)
+    target = tmp_path / "s.json"
+    assert main(["data", "inspect", str(small_folder), "--quiet", "--json", str(target)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"medfusion: error: {target}: cannot write: No space left on device")
+    assert not target.exists() and list(tmp_path.glob(".s.json*")) == []

@@ -269,3 +269,14 @@ def test_replace_takes_a_nested_config_object():
     config = FeaturesRunConfig().replace(data=DataConfig(labels="none", resize=(8, 8)))
     assert config.data == DataConfig(labels="none", resize=(8, 8))
     assert FeaturesRunConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_seeds_out_of_range_are_named(seed):
+    from medfusion.training.loop import TrainConfig
+
+    with pytest.raises(ValueError, match=r"^seed must be an integer in 0\.\.18446744073709551615"):
+        DataConfig(seed=seed)
+    with pytest.raises(ValueError, match=r"^train\.seed must be an integer in 0\.\.18446744073709551615"):
+        TrainConfig(seed=seed)
+    assert DataConfig(seed=2**64 - 1).seed == TrainConfig(seed=2**64 - 1).seed == 2**64 - 1

@@ -33,11 +33,12 @@ from tqdm.auto import tqdm
 from medfusion import __version__
 from medfusion.config import Config
 from medfusion.data.image import MedicalImage
-from medfusion.data.writers import intensity_mapping, write_image
+from medfusion.data.writers import intensity_mapping, write_image, written_file_problem
+from medfusion.runlock import run_lock
 from medfusion.samplers.model_folder import ModelFolder, load_model_folder, model_hash
 from medfusion.samplers.pipeline import PRECISIONS, UNCONDITIONAL, MedfusionPipeline
-from medfusion.samplers.schedulers import SamplerConfig
-from medfusion.utils import atomic_write_text, process_state
+from medfusion.samplers.schedulers import SamplerConfig, make_scheduler
+from medfusion.utils import MAX_SEED, atomic_write_text, inside, process_state
 
 MANIFEST = "manifest.csv"
 CARD = "dataset_card.json"
@@ -271,6 +272,34 @@ def _remove_stale_temporaries(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _check_steps(model: ModelFolder, sampler: SamplerConfig) -> None:
+    """The sampler's steps fit the model's noise schedule (before anything is written)."""
+    scheduler = make_scheduler(sampler.name, model.scheduler_config, sampler.eta, sampler.karras_sigmas)
+    try:
+        scheduler.set_timesteps(sampler.steps)
+    except ValueError as e:
+        total = model.scheduler_config.get("num_train_timesteps")
+        raise ValueError(
+            f"steps={sampler.steps} does not fit the model's noise schedule of {total} timesteps: {e}"
+        ) from e
+
+
+def _remove_broken(out: Path, files: Sequence[Path], shape: tuple[int, ...], dtype: str, log) -> None:
+    """Files of an earlier run that are not whole (cut short, empty, of another shape) are
+    removed, so that they are written again."""
+    broken = []
+    for path in files:
+        if path.exists() or path.is_symlink():
+            problem = written_file_problem(path, shape, dtype)
+            if problem is not None:
+                broken.append(f"{path.relative_to(out).as_posix()} ({problem})")
+                if path.is_dir() and not path.is_symlink():
+                    raise ValueError(f"{path}: a folder stands where a sample file goes; remove it")
+                path.unlink()
+    if broken:
+        log(f"# {len(broken)} file(s) of an earlier run were not whole and are written again: {broken[0]}")
+
+
 def write_synthetic_dataset(
     model_path: str | Path,
     out: str | Path,
@@ -327,86 +356,103 @@ def write_synthetic_dataset(
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if slab is not None and slab < 1:
         raise ValueError(f"--decode-slab must be >= 1; got {slab}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in 0..{MAX_SEED}; got {seed!r}")
     _check_out_path(out)
     model = load_model_folder(model_path)
     settings = SampleSettings(resolve_classes(model, class_labels), int(seed), sampler, precision, slab)
+    if settings.seed + n * len(settings.classes) - 1 > MAX_SEED:
+        raise ValueError(
+            f"seed {seed} + {n * len(settings.classes)} samples passes the largest seed {MAX_SEED}; "
+            "choose a smaller seed"
+        )
+    _check_steps(model, sampler)
     digest = model_hash(model_path)
     card = _read_card(out) if out.is_dir() else None
     _check_existing(out, card, digest, settings, n)
     suffix = output_suffix(model)
     mapping = intensity_mapping(suffix, model.info.source_dtype, model.info.normalization)
     plan = plan_samples(settings.classes, n, settings.seed, suffix)
+    targets = {s.file: inside(out, s.file) for s in plan}  # no name leads outside ``out``
 
     state = process_state()
-    kept = sum((out / s.file).is_file() for s in plan)  # before any process writes
     if state.is_main_process:
+        present = sum(target.is_file() for target in targets.values())
         log(
             f"# medfusion sample: {len(plan)} samples ({n} per class of {', '.join(settings.classes)}) into "
-            f"{out}, {kept} already there\n# sampler {sampler.name}, {sampler.steps} steps, guidance "
+            f"{out}, {present} already there\n# sampler {sampler.name}, {sampler.steps} steps, guidance "
             f"{sampler.guidance_scale} (rescale {sampler.guidance_rescale}), seeds {settings.seed}.."
             f"{settings.seed + len(plan) - 1}, {precision}, {state.num_processes} process(es)\n"
             f"# files {suffix}: {mapping.describe()}"
         )
     if dry_run:
         return SampleResult(out, len(plan), 0, 0, time.perf_counter() - start_time)
-    created = card["created"] if card else _now()
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(out)
-        atomic_write_text(
-            out / CARD,
-            json.dumps(_card(model, model_path, digest, settings, n, suffix, False, created), indent=2)
-            + "\n",
-        )
-    state.wait_for_everyone()
+    with run_lock(out, "medfusion sample"):  # one run per folder; the processes of one launch share it
+        created = card["created"] if card else _now()
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(out)
+            atomic_write_text(
+                out / CARD,
+                json.dumps(_card(model, model_path, digest, settings, n, suffix, False, created), indent=2)
+                + "\n",
+            )
+            shape = (model.info.channels, *model.info.image_size)
+            _remove_broken(out, [targets[s.file] for s in plan], shape, mapping.dtype, log)
+        state.wait_for_everyone()
+        kept = sum(targets[s.file].is_file() for s in plan)  # every process, before any writes
+        state.wait_for_everyone()
 
-    batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
-    mine = [b for k, b in enumerate(batches) if k % state.num_processes == state.process_index]
-    todo = [b for b in mine if not all((out / s.file).is_file() for s in b)]
-    my_total = sum(len(b) for b in mine)
-    my_done = my_total - sum(len(b) for b in todo)
-    pipe = MedfusionPipeline(
-        model,
-        device=device or state.device,
-        precision=precision,
-        channels_last=channels_last,
-        compile_mode=compile_mode,
-    )
-    spacing = model.info.spacing
-    written = 0
-    with tqdm(
-        total=my_total,
-        initial=my_done,
-        unit="img",
-        desc="sampling",
-        disable=not (progress and state.is_main_process),
-    ) as bar:
-        for batch in todo:
-            latents = pipe.sample_latents([s.label for s in batch], [s.seed for s in batch], sampler)
-            images = pipe.decode(latents, slab=slab).numpy()
-            for sample, image in zip(batch, images):
-                target = out / sample.file
-                if target.is_file():  # written by an earlier run: never twice
-                    continue
-                array = mapping(image)
-                write_image(target, MedicalImage.from_array(array, spacing=spacing) if spacing else array)
-                written += 1
-            bar.update(len(batch))
-            my_done += len(batch)
-            if callback is not None:
-                callback(my_done, my_total)
-
-    written = _sum_over_processes(state, written)
-    if state.is_main_process:
-        missing = [s.file for s in plan if not (out / s.file).is_file()]
-        if missing:
-            raise RuntimeError(f"{out}: {len(missing)} sample(s) missing after sampling, e.g. {missing[0]}")
-        atomic_write_text(out / MANIFEST, _manifest(plan, sampler))
-        atomic_write_text(
-            out / CARD,
-            json.dumps(_card(model, model_path, digest, settings, n, suffix, True, created), indent=2) + "\n",
+        batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
+        mine = [b for k, b in enumerate(batches) if k % state.num_processes == state.process_index]
+        todo = [b for b in mine if not all(targets[s.file].is_file() for s in b)]
+        my_total = sum(len(b) for b in mine)
+        my_done = my_total - sum(len(b) for b in todo)
+        pipe = MedfusionPipeline(
+            model,
+            device=device or state.device,
+            precision=precision,
+            channels_last=channels_last,
+            compile_mode=compile_mode,
         )
-    state.wait_for_everyone()
+        spacing = model.info.spacing
+        written = 0
+        with tqdm(
+            total=my_total,
+            initial=my_done,
+            unit="img",
+            desc="sampling",
+            disable=not (progress and state.is_main_process),
+        ) as bar:
+            for batch in todo:
+                latents = pipe.sample_latents([s.label for s in batch], [s.seed for s in batch], sampler)
+                images = pipe.decode(latents, slab=slab).numpy()
+                for sample, image in zip(batch, images):
+                    target = targets[sample.file]
+                    if target.is_file():  # written by an earlier run: never twice
+                        continue
+                    array = mapping(image)
+                    write_image(target, MedicalImage.from_array(array, spacing=spacing) if spacing else array)
+                    written += 1
+                bar.update(len(batch))
+                my_done += len(batch)
+                if callback is not None:
+                    callback(my_done, my_total)
+
+        written = _sum_over_processes(state, written)
+        if state.is_main_process:
+            missing = [s.file for s in plan if not targets[s.file].is_file()]
+            if missing:
+                raise RuntimeError(
+                    f"{out}: {len(missing)} sample(s) missing after sampling, e.g. {missing[0]}"
+                )
+            atomic_write_text(out / MANIFEST, _manifest(plan, sampler))
+            atomic_write_text(
+                out / CARD,
+                json.dumps(_card(model, model_path, digest, settings, n, suffix, True, created), indent=2)
+                + "\n",
+            )
+        state.wait_for_everyone()
     seconds = time.perf_counter() - start_time
     return SampleResult(out, len(plan), written, kept, seconds)
 

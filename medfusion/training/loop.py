@@ -41,6 +41,7 @@ from medfusion.training.checkpoint import CheckpointManager, _step_of
 from medfusion.training.state_io import CheckpointError, load_state, rng_state, save_state, set_rng_state
 from medfusion.utils import (  # noqa: F401 (COMPILE_MODES, cpu_only, process_state: re-exported)
     COMPILE_MODES,
+    MAX_SEED,
     atomic_path,
     atomic_write_text,
     cpu_only,
@@ -121,6 +122,8 @@ class TrainConfig(Config):
         for name in ("warmup_steps", "preview_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0; got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"train.seed must be an integer in 0..{MAX_SEED}; got {self.seed}")
         if not self.learning_rate > 0:
             raise ValueError(f"train.learning_rate must be > 0; got {self.learning_rate}")
         if self.mixed_precision not in MIXED_PRECISION:

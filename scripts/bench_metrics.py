@@ -3,13 +3,16 @@
 Random Gaussian features stand in for an extractor's output (``--n`` real vs ``--n`` synthetic
 vectors of width ``--dim``; 2048 is Inception's pool width). ``--metric features`` times the
 extraction itself: ``2 * --n`` random ``--size``² grayscale images through the default domain
-encoder. Each metric runs in a fresh process so
+encoder. ``--metric diversity`` times the diversity score (mean pairwise MS-SSIM, 1000 pairs at
+most) of ``--n`` random grayscale images or volumes (``--spatial-dims``) of side ``--size``, at most
+as many as evaluate keeps per class. Each metric runs in a fresh process so
 that its peak resident memory (CPU) or peak allocated memory (GPU) is its own. The nearest-
 neighbour metrics work block-wise: their memory grows with ``block_size * N``, not ``N * N``.
 
     python scripts/bench_metrics.py --n 10000 --dim 2048
     python scripts/bench_metrics.py --n 10000 --dim 2048 --device cuda
     python scripts/bench_metrics.py --n 10000 --metric features --size 256
+    python scripts/bench_metrics.py --n 64 --metric diversity --size 32 --spatial-dims 3
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import time
 
 import torch
 
-from medfusion.metrics import density_coverage, fid, kid, memorisation_audit, precision_recall
+from medfusion.metrics import density_coverage, diversity, fid, kid, memorisation_audit, precision_recall
+from medfusion.metrics.evaluate import KEEP_PER_CLASS
 
 
 def extract_features(args) -> float:
@@ -43,8 +47,17 @@ def extract_features(args) -> float:
     return total
 
 
+def image_diversity(args) -> float:
+    """Diversity of min(--n, KEEP_PER_CLASS) random --size^2 images or --size^3 volumes (one class)."""
+    shape = (min(args.n, KEEP_PER_CLASS), 1) + (args.size,) * args.spatial_dims
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return diversity(images.to(args.device)).per_class[None]
+
+
+IMAGE_METRICS = ("features", "diversity")  # opt-in: they time images, not feature arrays
 METRICS = {
     "features": lambda real, fake, args: extract_features(args),
+    "diversity": lambda real, fake, args: image_diversity(args),
     "fid": lambda real, fake, args: fid(real, fake),
     "kid": lambda real, fake, args: kid(real, fake, subsets=100, subset_size=1000).mean,
     "precision_recall": lambda real, fake, args: (
@@ -90,8 +103,14 @@ def main() -> None:
     )
     parser.add_argument("--n", type=int, default=10000, help="real and synthetic feature vectors each")
     parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--metric", nargs="+", choices=sorted(METRICS), default=list(METRICS)[1:])
-    parser.add_argument("--size", type=int, default=256, help="image side for --metric features")
+    parser.add_argument(
+        "--metric",
+        nargs="+",
+        choices=sorted(METRICS),
+        default=[name for name in METRICS if name not in IMAGE_METRICS],
+    )
+    parser.add_argument("--size", type=int, default=256, help="image side for --metric features/diversity")
+    parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2, help="for --metric diversity")
     parser.add_argument("--batch", type=int, default=64, help="images per batch for --metric features")
     parser.add_argument("--block-size", type=int, default=1024, help="rows per nearest-neighbour block")
     parser.add_argument("--device", default="cpu")

@@ -3,6 +3,9 @@
 Lower is more diverse: identical images score 1, unrelated ones near 0. A class whose synthetic
 samples score far above its real images has collapsed onto few modes. Pairs are drawn at random
 (without repeats, never an image with itself) when a class has more than ``max_pairs`` of them.
+The scores are :func:`~medfusion.metrics.reconstruction.ms_ssim`'s (same settings and maths), computed
+by :mod:`medfusion.metrics._ssim` with a separable window and each image's statistics shared by its
+pairs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from medfusion.metrics.reconstruction import ms_ssim
+from medfusion.metrics._ssim import pairwise_ms_ssim
+from medfusion.metrics.reconstruction import _prepare, ms_ssim_settings
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,9 @@ def mean_pairwise_ms_ssim(
     if max_pairs < 1:
         raise ValueError(f"max_pairs must be >= 1; got {max_pairs}")
     pairs = _pairs(images.shape[0], max_pairs, torch.Generator().manual_seed(seed))
-    scores = [ms_ssim(images[chunk[:, 0]], images[chunk[:, 1]]) for chunk in pairs.split(batch_size)]
-    return float(torch.cat(scores).double().mean()), len(pairs)
+    images, _ = _prepare(images, images)  # to [0, 1] in float32 or wider, as ms_ssim does
+    scores = pairwise_ms_ssim(images, pairs, ms_ssim_settings(images.shape[2:]), batch_size)
+    return float(scores.double().mean()), len(pairs)
 
 
 def diversity(

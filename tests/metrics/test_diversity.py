@@ -1,21 +1,23 @@
 """Tests of the diversity metric (mean pairwise MS-SSIM within each class) on small 1x32x32 images:
-known values for identical and unrelated images, the pair enumeration and sampling, and bad input."""
+known values for identical and unrelated images, the pair enumeration and sampling, and bad input;
+and the pinned copy of torchmetrics' MS-SSIM (separable window) against torchmetrics in 2D and 3D."""
 
 import itertools
 
 import pytest
 import torch
 
+from medfusion.metrics._ssim import pairwise_ms_ssim
 from medfusion.metrics.diversity import Diversity, _pairs, diversity, mean_pairwise_ms_ssim
-from medfusion.metrics.reconstruction import ms_ssim, ms_ssim_settings
+from medfusion.metrics.reconstruction import MultiScaleSSIMSettings, ms_ssim, ms_ssim_settings
 
 SIZE = 32  # 2 scales with the standard 11-wide window (MS-SSIM needs a side of at least 6)
 
 
-def _noise(n: int, seed: int = 0) -> torch.Tensor:
+def _noise(n: int, seed: int = 0, spatial_dims: int = 2) -> torch.Tensor:
     """Independent uniform-noise images in [-1, 1]: unrelated to each other."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, SIZE, SIZE, generator=generator) * 2 - 1
+    return torch.rand(n, 1, *[SIZE] * spatial_dims, generator=generator) * 2 - 1
 
 
 def test_image_size_allows_standard_ms_ssim():
@@ -37,14 +39,51 @@ def test_unrelated_noise_images_score_low():
     assert result.pairs == {None: 28}
 
 
-def test_value_is_the_mean_over_all_pairs():
-    images = torch.cat([_noise(3, seed=1), _noise(1, seed=2).repeat(2, 1, 1, 1)])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_value_is_the_mean_over_all_pairs(spatial_dims):
+    unrelated = _noise(3, seed=1, spatial_dims=spatial_dims)
+    images = torch.cat([unrelated, _noise(1, seed=2, spatial_dims=spatial_dims).expand_as(unrelated[:2])])
     expected = torch.stack(
         [ms_ssim(images[i : i + 1], images[j : j + 1])[0] for i, j in itertools.combinations(range(5), 2)]
     ).mean()
     value, pairs = mean_pairwise_ms_ssim(images, batch_size=3)  # several batches of pairs
     assert pairs == 10
-    assert value == pytest.approx(float(expected), rel=1e-6)
+    # float32: the separable window rounds differently from torchmetrics' dense one
+    assert value == pytest.approx(float(expected), abs=1e-5)
+
+
+# 2D: 3 scales, and 2 on odd sides (pooled with flooring); 3D: 3 scales of the standard 11-wide
+# window, and 2 scales of a 7-wide one on two channels (the window is applied to each alike).
+PINNED_SHAPES = {(64, 64): 1, (50, 37): 1, (48, 48, 48): 1, (16, 16, 16): 2}
+
+
+def _smooth(n: int, channels: int, spatial_shape: tuple[int, ...], generator: torch.Generator):
+    """Random images in [-1, 1] with structure at a few pixels' scale: noise upsampled 4x."""
+    coarse = torch.rand(n, channels, *(s // 4 for s in spatial_shape), generator=generator)
+    mode = "bilinear" if len(spatial_shape) == 2 else "trilinear"
+    return torch.nn.functional.interpolate(coarse, size=spatial_shape, mode=mode) * 2 - 1
+
+
+@pytest.mark.parametrize("spatial_shape", PINNED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_separable_ms_ssim_matches_torchmetrics(spatial_shape):
+    """The pin of the copy in medfusion.metrics._ssim: fails when torchmetrics' MS-SSIM, as
+    reconstruction.ms_ssim calls it, changes (the two differ by float32 rounding, ~1e-6)."""
+    generator = torch.Generator().manual_seed(0)
+    x = _smooth(3, PINNED_SHAPES[spatial_shape], spatial_shape, generator)
+    noise = torch.randn(x.shape, generator=generator)
+    # a heavily and a lightly noisy copy (mid and high scores), the negative (negative contrast: 0)
+    y = torch.stack([x[0] + noise[0], x[1] + 0.3 * noise[1], -x[2]]).clamp(-1, 1)
+    expected = ms_ssim(x, y)
+    pairs = torch.stack([torch.arange(3), torch.arange(3, 6)], dim=1)
+    actual = pairwise_ms_ssim((torch.cat([x, y]) + 1) / 2, pairs, ms_ssim_settings(spatial_shape))
+    assert 0.3 < expected[0] < 0.7 < expected[1] and expected[2] == 0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_window_wider_than_kernel_size_is_refused():
+    settings = MultiScaleSSIMSettings(scales=2, kernel_size=11, sigma=2.0, betas=(0.5, 0.5))
+    with pytest.raises(ValueError, match=r"sigma 2\.0 gives a 15-wide Gaussian, not kernel_size 11"):
+        pairwise_ms_ssim(torch.rand(2, 1, 32, 32), torch.tensor([[0, 1]]), settings)
 
 
 def test_duplicates_make_a_set_less_diverse():

@@ -51,7 +51,7 @@ def _data_demo(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from medfusion.demo import run_demo
-    from medfusion.metrics.evaluate import headline
+    from medfusion.metrics.evaluate import class_line, headline
 
     result = run_demo(
         args.out,
@@ -67,8 +67,9 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\ndemo finished in {result.seconds / 60:.1f} min")
     print(f"  {headline(result.metrics)}")
     for label, values in result.metrics["per_class"].items():
-        print(f"    {label}: FID {values['fid']:.4g}, precision {values['precision']:.3f}, "
-              f"recall {values['recall']:.3f}")  # fmt: skip
+        print(f"  {class_line(label, values)}")
+    for warning in result.metrics.get("warnings", []):
+        print(f"  warning: {warning}")
     print(f"  report: {result.report.resolve()}")
     print(f"  model folder: {result.out / 'model'} (medfusion sample {result.out / 'model'} --n N --out DIR)")
     return 0
@@ -294,6 +295,18 @@ def _evaluate(args: argparse.Namespace) -> int:
                 resume=(features / "checkpoints").is_dir(),
                 progress=not args.quiet,
             )
+    utility = None
+    if args.tstr:  # the classifier is trained above metrics/: evaluate only keeps its numbers
+        from medfusion.downstream import ClassifierConfig, tstr
+
+        if args.train is None:
+            raise ValueError("--tstr needs --train (the real training images the classifier is compared on)")
+        config = ClassifierConfig(max_steps=args.tstr_steps) if args.tstr_steps else ClassifierConfig()
+        print(f"# --tstr: a classifier trained on {args.fake} and on {args.train}, tested on {args.real}")
+        utility = tstr(
+            args.train, args.fake, args.real, data, config, seeds=tuple(range(args.tstr_seeds)),
+            device=device, progress=not args.quiet,
+        )  # fmt: skip
     extractor = load_extractor(features, device)
     evaluate(
         args.real,
@@ -305,6 +318,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=device,
         progress=not args.quiet,
+        utility=utility,
     )
     return 0
 
@@ -516,6 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="leave unreadable files out of every folder (with a warning)"
     )
     _add_max_pixels(evaluate)
+    evaluate.add_argument(
+        "--tstr",
+        action="store_true",
+        help="also train a classifier on FAKE and on TRAIN and test both on REAL (train on synthetic, "
+        'test on real; needs --train and the downstream extra: pip install "medfusion[downstream]")',
+    )
+    evaluate.add_argument(
+        "--tstr-seeds", type=_positive_int, default=3, help="classifiers per side (default 3)"
+    )
+    evaluate.add_argument(
+        "--tstr-steps", type=_positive_int, help="training steps of each classifier (default 200)"
+    )
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--device", help="e.g. cuda (default cpu)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,13 +1,17 @@
 """Metrics as pure functions of tensors or feature arrays: reconstruction quality (PSNR, SSIM,
-MS-SSIM), distribution metrics (FID, KID, precision/recall, density/coverage), diversity and the
-memorisation audit, plus streaming torchmetrics ``Metric``s for large sets."""
+MS-SSIM), distribution metrics (FID, KID, precision/recall, density/coverage) with half-sample
+bootstrap intervals, diversity and the memorisation audit, plus streaming torchmetrics ``Metric``s
+for large sets."""
 
 from medfusion.metrics.distribution import (
     KID,
     DensityCoverage,
     FeatureStatistics,
+    Interval,
     MemorisationAudit,
     PrecisionRecall,
+    bootstrap_interval,
+    bootstrap_intervals,
     density_coverage,
     feature_statistics,
     fid,
@@ -26,9 +30,12 @@ __all__ = [
     "Diversity",
     "FeatureStatistics",
     "FeatureStatisticsMetric",
+    "Interval",
     "MemorisationAudit",
     "PrecisionRecall",
     "StreamingFID",
+    "bootstrap_interval",
+    "bootstrap_intervals",
     "density_coverage",
     "diversity",
     "feature_statistics",

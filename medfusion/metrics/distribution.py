@@ -1,5 +1,5 @@
 """Distribution metrics as pure functions of feature arrays: FID, KID, precision/recall,
-density/coverage, and the memorisation audit.
+density/coverage, the memorisation audit, and half-sample bootstrap intervals of any of them.
 
 Every function takes ``(N, D)`` feature arrays (numpy or torch; the features of real, synthetic or
 training images from one extractor) and computes in float64 on the CPU or the arrays' device.
@@ -8,11 +8,14 @@ with ``N * N``.
 
 References: FID, Heusel et al. 2017; KID, Bińkowski et al. 2018 (unbiased MMD², cubic polynomial
 kernel ``(x·y / D + 1)^3``); improved precision and recall, Kynkäänniemi et al. 2019 (k-NN
-manifolds, k = 3); density and coverage, Naeem et al. 2020 (k = 5).
+manifolds, k = 3); density and coverage, Naeem et al. 2020 (k = 5); half-sampling, McCarthy 1969
+(the variance of a half-sample mean is that of the full-sample mean).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,8 +94,30 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
     return float(value.clamp_min(0))
 
 
+def _fid_in_sample_space(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The Fréchet distance from the centred rows: with ``A = (x - μx) / √(Nx - 1)`` (so that
+    ``Σx = AᵀA``) and ``B`` alike, ``tr((Σx Σy)^½)`` is the nuclear norm of ``A Bᵀ`` (the eigenvalues
+    of ``AᵀA BᵀB`` are the squared singular values of ``A Bᵀ``): ``(Nx, Ny)`` work instead of ``(D, D)``."""
+    a = (x - x.mean(0)) / math.sqrt(x.shape[0] - 1)  # (Nx, D)
+    b = (y - y.mean(0)) / math.sqrt(y.shape[0] - 1)  # (Ny, D)
+    trace_sqrt = torch.linalg.svdvals(a @ b.T).sum()
+    difference = x.mean(0) - y.mean(0)
+    value = difference @ difference + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt
+    return float(value.clamp_min(0))
+
+
 def fid(real, fake) -> float:
-    """Fréchet distance between the feature distributions of ``real`` and ``fake`` ``(N, D)``."""
+    """Fréchet distance between the feature distributions of ``real`` and ``fake`` ``(N, D)``.
+
+    Sets smaller than their width (e.g. a class of 64 images in 2048-wide Inception features) are
+    computed from their rows, in ``(N, N)`` matrices; larger ones from the ``(D, D)`` covariances.
+    Both are exact; they agree to rounding.
+    """
+    shapes = np.shape(real), np.shape(fake)  # no float64 copies yet: large sets take one at a time
+    if all(len(shape) == 2 and 2 <= shape[0] < shape[1] for shape in shapes):
+        x, y = as_features(real, "real features"), as_features(fake, "fake features")
+        _same_width(x, y, "fid")
+        return _fid_in_sample_space(x, y)
     return frechet_distance(feature_statistics(real), feature_statistics(fake))
 
 
@@ -295,3 +320,115 @@ def memorisation_audit(
     return MemorisationAudit(
         fake_to_train, fake_nearest, heldout_to_train, threshold, quantile, flagged, closest
     )
+
+
+# the range of each metric, for the ends of its intervals
+BOUNDS: dict[str, tuple[float, float]] = {
+    "fid": (0.0, math.inf),
+    "kid": (-math.inf, math.inf),
+    "precision": (0.0, 1.0),
+    "recall": (0.0, 1.0),
+    "density": (0.0, math.inf),
+    "coverage": (0.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A two-sided interval of a metric: ``low`` to ``high`` at ``level`` (e.g. 0.9: the 5th to the
+    95th percentile) from ``resamples`` half-samples."""
+
+    low: float
+    high: float
+    level: float
+    resamples: int
+
+    def __contains__(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+def bootstrap_intervals(
+    metric_fn: Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]],
+    real,
+    fake,
+    n_resamples: int = 200,
+    seed: int = 0,
+    level: float = 0.9,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+) -> dict[str, Interval]:
+    """Percentile intervals of every metric ``metric_fn(real, fake)`` returns, by half-sampling.
+
+    Each resample draws half of the rows of ``real`` and half of ``fake`` without replacement
+    (independently, seeded) and evaluates ``metric_fn`` on them; the interval is the ``level``
+    percentile interval of those values, moved so that their median sits on the value of the full
+    sets. Half-samples, not draws with replacement: a drawn-twice row is its own nearest neighbour,
+    which shrinks the k-NN balls of precision/recall/density/coverage and pulls every resample
+    below the estimate; a half-sample mean varies as much as the full-sample mean does. The
+    interval is one for what a fresh draw of the same sizes would score (FID's small-sample bias is
+    kept: compare it with a reference at the same sizes).
+
+    Args:
+        metric_fn: ``(real, fake) -> {name: value}``; keys it cannot compute at half the sizes
+            (too few rows) get no interval.
+        real, fake: ``(N, D)`` features, N >= 4 each.
+        n_resamples: half-samples, >= 10.
+        seed: seed of the draws; the same seed gives the same intervals.
+        level: in (0, 1); 0.9 gives the 5th to the 95th percentile.
+        bounds: ``{name: (low, high)}``, the range the interval ends are clipped to (default
+            ``BOUNDS``).
+
+    Returns:
+        ``{name: Interval}`` for every key of the half-sample results.
+    """
+    x, y = as_features(real, "real features"), as_features(fake, "fake features")
+    _same_width(x, y, "bootstrap_intervals")
+    if n_resamples < 10:
+        raise ValueError(f"n_resamples must be >= 10; got {n_resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    if min(x.shape[0], y.shape[0]) < 4:
+        raise ValueError(
+            f"half-samples need at least 4 feature vectors per set; got {x.shape[0]} and {y.shape[0]}"
+        )
+    bounds = BOUNDS if bounds is None else bounds
+    estimate = metric_fn(x, y)
+    generator = torch.Generator().manual_seed(seed)
+    values: dict[str, list[float]] = {}
+    for _ in range(n_resamples):
+        rows_x = torch.randperm(x.shape[0], generator=generator)[: x.shape[0] // 2].to(x.device)
+        rows_y = torch.randperm(y.shape[0], generator=generator)[: y.shape[0] // 2].to(y.device)
+        for key, value in metric_fn(x[rows_x], y[rows_y]).items():
+            values.setdefault(key, []).append(float(value))
+    tail = (1.0 - level) / 2
+    intervals = {}
+    for key, samples in values.items():
+        if key not in estimate or len(samples) != n_resamples:
+            continue
+        spread = torch.tensor(samples, dtype=torch.float64)
+        low, median, high = torch.quantile(spread, torch.tensor([tail, 0.5, 1.0 - tail], dtype=torch.float64))
+        floor, ceiling = bounds.get(key, (-math.inf, math.inf))
+        centre = float(estimate[key])
+        intervals[key] = Interval(
+            min(max(centre + float(low - median), floor), ceiling),
+            max(min(centre + float(high - median), ceiling), floor),
+            level,
+            n_resamples,
+        )
+    return intervals
+
+
+def bootstrap_interval(
+    metric_fn: Callable[[torch.Tensor, torch.Tensor], float],
+    real,
+    fake,
+    n_resamples: int = 200,
+    seed: int = 0,
+    level: float = 0.9,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> Interval:
+    """The half-sample percentile interval of one metric ``metric_fn(real, fake) -> float`` (see
+    ``bootstrap_intervals``; ``bounds`` clips its ends)."""
+    intervals = bootstrap_intervals(
+        lambda x, y: {"value": metric_fn(x, y)}, real, fake, n_resamples, seed, level, {"value": bounds}
+    )
+    return intervals["value"]

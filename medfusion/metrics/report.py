@@ -11,22 +11,21 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from medfusion.metrics.evaluate import interval_text, significant
 from medfusion.utils import atomic_write_text
 from medfusion.visualize import make_grid, mid_slices, to_uint8
 
 GRID_IMAGES = 16  # per class and set
 PAIRS_SHOWN = 8
 COLUMNS = (
-    ("n_real", "real", "{:d}"),
-    ("n_fake", "synthetic", "{:d}"),
-    ("fid", "FID ↓", "{:.3f}"),
-    ("kid", "KID ↓", "{:.4f}"),
-    ("kid_std", "KID std", "{:.4f}"),
-    ("precision", "precision ↑", "{:.3f}"),
-    ("recall", "recall ↑", "{:.3f}"),
-    ("density", "density", "{:.3f}"),
-    ("coverage", "coverage ↑", "{:.3f}"),
+    ("fid", "FID ↓"),
+    ("kid", "KID ↓"),
+    ("precision", "precision ↑"),
+    ("recall", "recall ↑"),
+    ("density", "density"),
+    ("coverage", "coverage ↑"),
 )
+BAND_MARK = {True: ("in", "✓ within band"), False: ("out", "✗ outside band"), None: ("", "")}
 
 
 def png_data_uri(images: torch.Tensor, nrow: int = 8) -> str:
@@ -37,16 +36,67 @@ def png_data_uri(images: torch.Tensor, nrow: int = 8) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _cell(key: str, values: dict) -> str:
+    """One metric of one row: the value on all images with its interval, and under it the synthetic
+    value at the reference's n beside the real-vs-real value."""
+    if key not in values:
+        return "<td>–</td>"
+    main = f"<b>{significant(values[key])}</b>"
+    if key == "kid" and values["kid_std"] > 1e-12:  # 0 but rounding where the subsets are the whole sets
+        main += f" ± {significant(values['kid_std'])}"
+    main += html.escape(interval_text(values.get("interval", {}).get(key)))
+    reference = values.get("reference", {})
+    entry = reference.get(key)
+    if entry is None:
+        return f"<td>{main}</td>"
+    if entry.get("ratio") is not None:
+        change = f"{significant(entry['ratio'])}x"
+    elif "difference" in entry:
+        change = f"{'+' if entry['difference'] >= 0 else '−'}{significant(abs(entry['difference']))}"
+    else:
+        change = "–"
+    css, mark = BAND_MARK[entry["within_band"]]
+    detail = (
+        f"n {reference['n_real']}/{reference['n_fake']}: {significant(entry['value'])}"
+        f"{interval_text(entry.get('interval'))} · real vs real {significant(entry['reference'])}"
+        f"{interval_text(entry.get('reference_interval'))} · {change}"
+    )
+    band = f" <span class='{css}'>{mark}</span>" if mark else ""
+    return f"<td>{main}<div class='ref'>{html.escape(detail)}{band}</div></td>"
+
+
 def _table(results: dict) -> str:
     rows = [("all", results["overall"]), *results["per_class"].items()]
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in COLUMNS)
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in COLUMNS)
     body = []
     for name, values in rows:
-        cells = "".join(
-            f"<td>{fmt.format(values[key]) if key in values else '–'}</td>" for key, _, fmt in COLUMNS
+        cells = "".join(_cell(key, values) for key, _ in COLUMNS)
+        counts = f"<td>{values['n_real']}</td><td>{values['n_fake']}</td>"
+        body.append(f"<tr><th>{html.escape(str(name))}</th>{counts}{cells}</tr>")
+    return f"<table><tr><th>class</th><th>real</th><th>synthetic</th>{head}</tr>{''.join(body)}</table>"
+
+
+def _verdict(results: dict) -> str:
+    """The headline against the real-vs-real band, the small-n warnings, and how both are defined."""
+    verdict = results.get("verdict")
+    parts = []
+    if verdict is not None:
+        css = BAND_MARK[verdict["within_band"]][0]
+        parts.append(f"<p class='verdict {css}'><b>{html.escape(verdict['text'])}.</b></p>")
+    for warning in results.get("warnings", []):
+        parts.append(f"<p class='warning'>⚠ {html.escape(warning)}</p>")
+    reference, bootstrap = results.get("reference"), results.get("bootstrap")
+    if reference is not None and bootstrap is not None:
+        level = f"{100 * bootstrap['level']:g}%"
+        parts.append(
+            "<p class='note'>Each cell: the value on all images (counts in the first columns) with its "
+            f"{level} interval ({html.escape(bootstrap['interval'])} of {bootstrap['resamples']} "
+            f"half-samples at most, fewer for large sets; {html.escape(bootstrap['method'])}). Under it, "
+            "at n real/synthetic images: the synthetic value beside real vs real at the same n, and their "
+            f"ratio (FID, KID) or difference. Real vs real: {html.escape(reference['definition'])}. "
+            f"Band: {html.escape(reference['band'])}.</p>"
         )
-        body.append(f"<tr><th>{html.escape(str(name))}</th>{cells}</tr>")
-    return f"<table><tr><th>class</th>{head}</tr>{''.join(body)}</table>"
+    return "".join(parts)
 
 
 def _pr_plot(results: dict, size: int = 260) -> str:
@@ -168,7 +218,48 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child{text-align:left}.pair{display:flex;gap:2em}img{image-rendering:pixelated;max-width:520px}
 figure{display:inline-block;margin:0.5em}figcaption{font-size:12px}.note{color:#555}td.left,th.left{text-align:left}
+td{vertical-align:top}.ref{font-size:11px;color:#555;white-space:nowrap}.in{color:#1e7b34}.out{color:#b03a2e}
+.verdict{font-size:1.1em}.warning{background:#fff4d6;border-left:4px solid #e0a800;padding:4px 8px}
 """
+
+
+_UTILITY_METRICS = (
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("auroc", "macro AUROC"),
+)
+
+
+def _utility(tstr: dict) -> str:
+    """Train on synthetic, test on real (TSTR) beside train on real, test on real (TRTR)."""
+
+    def cell(entry: dict) -> str:
+        return f"{significant(entry['mean'])} ± {significant(entry['std'])}"
+
+    seeds = ", ".join(str(s) for s in tstr["seeds"])
+    rows = [
+        f"<tr><th>{label}</th><td>{cell(tstr['tstr'][key])}</td><td>{cell(tstr['trtr'][key])}</td></tr>"
+        for key, label in _UTILITY_METRICS
+    ]
+    recall_tstr, recall_trtr = (
+        tstr["tstr"]["recall_per_class"]["mean"],
+        tstr["trtr"]["recall_per_class"]["mean"],
+    )
+    rows += [
+        f"<tr><th>recall: {html.escape(str(name))}</th><td>{significant(recall_tstr[name])}</td>"
+        f"<td>{significant(recall_trtr[name])}</td></tr>"
+        for name in tstr["classes"]
+    ]
+    n_train = tstr["n_train"]
+    return (
+        "<h2>Utility: train on synthetic, test on real</h2><p class='note'>The same classifier trained on "
+        f"the synthetic images (TSTR, {n_train['tstr']} images) and on the real training images (TRTR, "
+        f"{n_train['trtr']} images), each tested on the {tstr['n_test']} held-out real images; mean ± std "
+        f"over seeds {seeds}. TSTR close to TRTR means the synthetic data can stand in for the real "
+        "data in training.</p><table><tr><th></th><th>TSTR</th><th>TRTR</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def write_report(path: str | Path, results: dict, real_set, fake_set, train_set=None, audit=None) -> Path:
@@ -185,6 +276,7 @@ def write_report(path: str | Path, results: dict, real_set, fake_set, train_set=
         "extractors are not comparable; lower FID/KID and higher precision/recall/coverage are better."
         "</span></p>",
         "<h2>Metrics</h2>",
+        _verdict(results),
         _table(results),
         "<h2>Precision and recall</h2>",
         _pr_plot(results),
@@ -192,17 +284,24 @@ def write_report(path: str | Path, results: dict, real_set, fake_set, train_set=
     if results.get("diversity"):
         parts.append(
             "<h2>Diversity</h2><p class='note'>Mean pairwise MS-SSIM within each class (lower is more "
-            "diverse; synthetic far above real means mode collapse).</p><table><tr><th>class</th>"
-            "<th>real</th><th>synthetic</th></tr>"
+            "diverse; synthetic far above real means mode collapse), over the first images of each class "
+            "and set (n); the real value is the reference.</p><table><tr><th>class</th>"
+            "<th>real</th><th>synthetic</th><th>synthetic / real</th></tr>"
         )
         real_div, fake_div = results["diversity"].get("real", {}), results["diversity"].get("fake", {})
         for label in sorted(set(real_div) | set(fake_div)):
+            entry = results["per_class"].get(label, {}).get("diversity", {})
             cells = "".join(
-                f"<td>{values[label]:.3f}</td>" if label in values else "<td>–</td>"
-                for values in (real_div, fake_div)
+                f"<td>{significant(values[label])}{f' (n {entry[count]})' if count in entry else ''}</td>"
+                if label in values
+                else "<td>–</td>"
+                for values, count in ((real_div, "n_real"), (fake_div, "n_fake"))
             )
-            parts.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+            ratio = f"{significant(entry['ratio'])}x" if entry.get("ratio") is not None else "–"
+            parts.append(f"<tr><th>{html.escape(label)}</th>{cells}<td>{ratio}</td></tr>")
         parts.append("</table>")
+    if results.get("tstr"):
+        parts.append(_utility(results["tstr"]))
     parts += ["<h2>Real and synthetic images</h2>", _grids(real_set, fake_set)]
     if results.get("pipeline"):
         parts.append(_pipeline(results["pipeline"]))

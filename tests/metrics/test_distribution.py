@@ -1,6 +1,6 @@
 """Tests of the distribution metrics (FID, KID, precision/recall, density/coverage, the memorisation
-audit) and of their streaming versions, against closed forms, brute-force numpy computations and
-hand-worked examples on small feature arrays."""
+audit), of their streaming versions and of their half-sample intervals, against closed forms,
+brute-force numpy computations and hand-worked examples on small feature arrays."""
 
 import contextlib
 import math
@@ -12,7 +12,10 @@ import torch
 from medfusion.metrics.distribution import (
     KID,
     FeatureStatistics,
+    Interval,
     as_features,
+    bootstrap_interval,
+    bootstrap_intervals,
     density_coverage,
     feature_statistics,
     fid,
@@ -481,3 +484,102 @@ def test_exact_copies_on_a_ball_edge_count_inside_whatever_the_block_size():
     for result in values.values():
         assert result.density == pytest.approx(1.2, abs=1e-12) and result.coverage == 1.0
     assert {precision_recall(x, x[:100], block_size=b).precision for b in (1, 7, 1024)} == {1.0}
+
+
+def test_fid_of_small_sets_from_their_rows_equals_the_covariance_route():
+    """Fewer vectors than dimensions: FID from the rows (an (N, N) problem) is the covariance
+    route's value, for uneven sizes, and 0 for identical sets. (The rows give 254.748321731783, as
+    a 40-digit mpmath computation does; the covariances' rank-deficient square roots add ~1e-8.)"""
+    x = _rng(80).normal(size=(30, 64)) * 2 + 1
+    y = _rng(81).normal(size=(45, 64))
+    expected = frechet_distance(feature_statistics(x), feature_statistics(y))
+    assert fid(x, y) == pytest.approx(expected, rel=1e-7)
+    assert fid(x, y) == pytest.approx(254.748321731783, rel=1e-12)
+    assert fid(y, x) == pytest.approx(fid(x, y), rel=1e-12)
+    assert abs(fid(x, x)) < 1e-9
+
+
+# --------------------------------------------------------------------------------------- intervals
+
+
+def _pr(real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+    result = precision_recall(real, fake)
+    return {"precision": result.precision, "recall": result.recall}
+
+
+def test_bootstrap_interval_is_deterministic_per_seed_and_holds_the_estimate():
+    x, y = _rng(90).normal(size=(80, 4)), _rng(91).normal(size=(60, 4)) + 0.3
+    first = bootstrap_interval(fid, x, y, n_resamples=50, seed=3, bounds=(0.0, math.inf))
+    assert isinstance(first, Interval) and first.level == 0.9 and first.resamples == 50
+    assert first == bootstrap_interval(fid, x, y, n_resamples=50, seed=3, bounds=(0.0, math.inf))
+    assert first != bootstrap_interval(fid, x, y, n_resamples=50, seed=4, bounds=(0.0, math.inf))
+    assert 0.0 <= first.low < fid(x, y) < first.high  # the median of the half-samples sits on it
+    wider = bootstrap_interval(fid, x, y, n_resamples=50, seed=3, level=0.98)
+    assert wider.low <= first.low and wider.high >= first.high
+    # k-NN metrics too (drawn with replacement, duplicates would pull them below the estimate)
+    intervals = bootstrap_intervals(_pr, x, y, n_resamples=50, seed=3)
+    estimate = _pr(torch.from_numpy(x), torch.from_numpy(y))
+    for key in ("precision", "recall"):
+        assert estimate[key] in intervals[key] and 0.0 <= intervals[key].low <= intervals[key].high <= 1.0
+
+
+def test_bootstrap_fid_interval_holds_the_frechet_distance_of_two_gaussians():
+    """N(0, I) against N(δ, diag(s²)) in 4 dimensions, 2000 vectors each: the interval holds the
+    closed-form distance, and its width matches the spread of FID over fresh draws."""
+    d, n = 4, 2000
+    shift, scale = np.array([1.0, 0.5, 0.0, 0.0]), np.array([1.0, 1.5, 1.0, 0.5])
+    expected = float((shift**2).sum() + ((1 - scale) ** 2).sum())  # 1.25 + 0.5 = 1.75
+
+    def draw(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = _rng(seed)
+        return rng.normal(size=(n, d)), rng.normal(size=(n, d)) * scale + shift
+
+    interval = bootstrap_interval(fid, *draw(100), n_resamples=200, seed=0)
+    assert expected in interval
+    fresh = np.std([fid(*draw(200 + i)) for i in range(30)])
+    # a 90% interval spans about 2 x 1.645 standard deviations
+    assert 0.6 < (interval.high - interval.low) / (2 * 1.645 * fresh) < 1.8
+
+
+def test_bootstrap_intervals_of_one_distribution_hold_the_real_vs_real_value():
+    """Real A, real B and synthetic F drawn from one distribution: the intervals of (A, F) hold the
+    values of (A, B), the real-vs-real reference at the same n."""
+    rng = _rng(110)
+    a, b, f = (rng.normal(size=(150, 6)) for _ in range(3))
+
+    def metrics(real, fake) -> dict[str, float]:
+        dc = density_coverage(real, fake)
+        return {"fid": fid(real, fake), **_pr(real, fake), "density": dc.density, "coverage": dc.coverage}
+
+    intervals = bootstrap_intervals(metrics, a, f, n_resamples=100, seed=0)
+    reference = metrics(torch.from_numpy(a), torch.from_numpy(b))
+    assert set(intervals) == set(reference)
+    for key, value in reference.items():
+        assert value in intervals[key], key
+
+
+def test_bootstrap_intervals_leave_out_what_a_half_sample_cannot_compute():
+    x, y = _rng(120).normal(size=(8, 3)), _rng(121).normal(size=(8, 3))
+    # precision/recall with k = 3 need more than 3 vectors: 8 have them, a half-sample of 4 too,
+    # density/coverage with k = 5 need 6: the full sets only
+
+    def metrics(real, fake) -> dict[str, float]:
+        out = _pr(real, fake)
+        if len(real) > 5:
+            out["coverage"] = density_coverage(real, fake).coverage
+        return out
+
+    assert set(bootstrap_intervals(metrics, x, y, n_resamples=10)) == {"precision", "recall"}
+
+
+def test_bootstrap_interval_rejects_bad_arguments():
+    x = _rng(130).normal(size=(10, 3))
+    with pytest.raises(ValueError, match="n_resamples must be >= 10; got 5"):
+        bootstrap_interval(fid, x, x, n_resamples=5)
+    for level in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"level must be in \(0, 1\)"):
+            bootstrap_interval(fid, x, x, level=level)
+    with pytest.raises(ValueError, match="at least 4 feature vectors per set; got 10 and 3"):
+        bootstrap_interval(fid, x, x[:3])
+    with pytest.raises(ValueError, match="different widths"):
+        bootstrap_interval(fid, x, x[:, :2])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -223,6 +223,53 @@ class ImageFolderDataset(Dataset):
             "label": self._label_index(self.samples[current]),
             "index": index,
         }
+
+
+def open_alike(
+    folders: Mapping[str, str | os.PathLike], data: DataConfig, names: Mapping[str, str] | None = None
+) -> tuple[dict[str, ImageFolderDataset], tuple[int, ...]]:
+    """Open folders to be compared or trained on together, all the same way.
+
+    The first folder is the reference: ``data.labels`` (a CSV) applies to it, the others take their
+    classes from first-level subfolders. Each must hold at least 2 images of the reference's kind
+    (2D/3D, channels), and all get one transform: ``data``, resized to ``data.resize`` or else to
+    the size of the reference's first image. Headers are read once, when the folders open.
+
+    Args:
+        folders: the folders by name, the reference first.
+        data: how files become tensors.
+        names: how errors name each folder (default: its key), e.g. a command-line option.
+    Returns:
+        The datasets by name and the image size.
+    """
+    names = dict(names or {})
+    where = {key: f"{names.get(key, key)} {folder}" for key, folder in folders.items()}
+    first = next(iter(folders))
+    datasets = {
+        key: ImageFolderDataset(
+            folder,
+            labels=data.labels if key == first else None,
+            transform=build_transform(data),
+            skip_bad=data.skip_bad,
+            validate="header",
+        )
+        for key, folder in folders.items()
+    }
+    reference = datasets[first]
+    for key, dataset in datasets.items():
+        if len(dataset) < 2:
+            raise ValueError(f"{where[key]}: needs at least 2 images; found {len(dataset)}")
+        if (dataset.spatial_dims, dataset.channels) != (reference.spatial_dims, reference.channels):
+            raise ValueError(
+                f"{where[key]}: {dataset.spatial_dims}D images with {dataset.channels} channel(s), but "
+                f"{where[first]} holds {reference.spatial_dims}D with {reference.channels}; "
+                "compare like with like"
+            )
+    size = tuple(data.resize or reference[0]["image"].shape[1:])
+    transform = build_transform(data.replace(resize=size))
+    for dataset in datasets.values():
+        dataset.transform = transform
+    return datasets, size
 
 
 class DatasetSubset(Dataset):

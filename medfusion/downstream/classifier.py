@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from medfusion.config import Config, DataConfig
-from medfusion.data.dataset import ImageFolderDataset, build_transform
+from medfusion.data.dataset import ImageFolderDataset, open_alike
 from medfusion.training.loop import EpochSampler
 from medfusion.utils import MAX_SEED
 
@@ -349,16 +349,7 @@ def open_tstr_folders(
         The datasets by argument name and the image size.
     """
     folders = {"real_train": real_train, "synthetic": synthetic, "real_test": real_test}
-    datasets = {
-        name: ImageFolderDataset(
-            folder,
-            labels=data.labels if name == "real_train" else None,
-            transform=build_transform(data),
-            skip_bad=data.skip_bad,
-            validate="header",
-        )
-        for name, folder in folders.items()
-    }
+    datasets, size = open_alike(folders, data)
     reference = datasets["real_train"]
     classes = reference.class_names
     if len(classes) < 2:
@@ -382,15 +373,6 @@ def open_tstr_folders(
                 f"{real_train}: {list(classes)} (missing: {missing}, extra: {extra}); TSTR needs the "
                 "same class names in all three folders"
             )
-        if (dataset.spatial_dims, dataset.channels) != (reference.spatial_dims, reference.channels):
-            raise ValueError(
-                f"{where}: {dataset.spatial_dims}D images with {dataset.channels} channel(s), but "
-                f"real_train {real_train} holds {reference.spatial_dims}D with {reference.channels}"
-            )
-    size = tuple(data.resize or reference[0]["image"].shape[1:])
-    transform = build_transform(data.replace(resize=size))
-    for dataset in datasets.values():
-        dataset.transform = transform
     return datasets, size
 
 

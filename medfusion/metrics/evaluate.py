@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from medfusion import __version__
 from medfusion.config import DataConfig
-from medfusion.data.dataset import ImageFolderDataset, build_transform
+from medfusion.data.dataset import ImageFolderDataset, open_alike
 from medfusion.metrics.distribution import (
     BOUNDS,
     bootstrap_intervals,
@@ -369,37 +369,11 @@ def compare_features(
 def open_folders(
     folders: dict[str, str | Path | None], data: DataConfig
 ) -> tuple[dict[str, ImageFolderDataset], tuple[int, ...]]:
-    """Open every folder once (headers read), check that each holds images of the real ones' kind
-    (2D/3D, channels) and at least 2 of them, and give all one transform: ``data``, resized to
-    ``data.resize`` or else to the size of the first real image. ``data.labels`` is for the real
-    folder; the others take their classes from their subfolders. Returns the datasets and the size."""
-    datasets = {
-        name: ImageFolderDataset(
-            folder,
-            labels=data.labels if name == "real" else None,
-            transform=build_transform(data),
-            skip_bad=data.skip_bad,
-            validate="header",
-        )
-        for name, folder in folders.items()
-        if folder is not None
-    }
-    reference = datasets["real"]
-    for name, dataset in datasets.items():
-        option = f"--{name} {folders[name]}"
-        if len(dataset) < 2:
-            raise ValueError(f"{option}: needs at least 2 images; found {len(dataset)}")
-        if (dataset.spatial_dims, dataset.channels) != (reference.spatial_dims, reference.channels):
-            raise ValueError(
-                f"{option}: {dataset.spatial_dims}D images with {dataset.channels} channel(s), but "
-                f"--real {folders['real']} holds {reference.spatial_dims}D with {reference.channels}; "
-                "compare like with like"
-            )
-    size = tuple(data.resize or reference[0]["image"].shape[1:])
-    transform = build_transform(data.replace(resize=size))
-    for dataset in datasets.values():
-        dataset.transform = transform
-    return datasets, size
+    """Open ``real`` and the other folders given (not None) alike (see
+    :func:`~medfusion.data.dataset.open_alike`, ``real`` the reference); errors name the command's
+    options. Returns the datasets and the size."""
+    given = {name: folder for name, folder in folders.items() if folder is not None}
+    return open_alike(given, data, names={name: f"--{name}" for name in given})
 
 
 def evaluate(

@@ -222,3 +222,20 @@ def test_dataset_subset_keeps_the_interface(make_folder):
     assert ds.epoch == 3
     with pytest.raises(IndexError):
         DatasetSubset(ds, [5])
+
+
+def test_open_alike_gives_every_folder_the_reference_size_and_names_a_misfit(tmp_path):
+    from medfusion.data.dataset import open_alike
+
+    rng = np.random.default_rng(0)
+    for name, side in (("ref", 12), ("other", 20)):
+        for label in ("a", "b"):
+            write_image(tmp_path / name / label / "0.png", rng.integers(0, 255, (1, side, side), np.uint8))
+    datasets, size = open_alike({"ref": tmp_path / "ref", "other": tmp_path / "other"}, DataConfig())
+    assert size == (12, 12) and datasets["other"][0]["image"].shape == (1, 12, 12)
+    write_image(tmp_path / "rgb" / "a" / "0.png", rng.integers(0, 255, (3, 12, 12), np.uint8))
+    write_image(tmp_path / "rgb" / "a" / "1.png", rng.integers(0, 255, (3, 12, 12), np.uint8))
+    with pytest.raises(
+        ValueError, match=r"^--rgb .*rgb: 2D images with 3 channel\(s\), but ref .*ref holds 2D"
+    ):
+        open_alike({"ref": tmp_path / "ref", "rgb": tmp_path / "rgb"}, DataConfig(), names={"rgb": "--rgb"})

@@ -89,7 +89,7 @@ def _make_parent(path: Path) -> None:
         )
         raise write_error(path, f"{blocking or path.parent} is not a folder", errno.ENOTDIR) from e
     except OSError as e:
-        raise write_error(path, e.strerror or str(e), e.errno or errno.EIO) from e
+        raise _write_failure(e, path) from e
 
 
 def _fsync(path: Path) -> None:
@@ -114,7 +114,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     except OSError as e:  # no permission, no inodes left: named by the file meant
-        raise write_error(path, e.strerror or str(e), e.errno or errno.EIO) from e
+        raise _write_failure(e, path) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -147,7 +147,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     try:
         tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
-        raise write_error(path, e.strerror or str(e), e.errno or errno.EIO) from e
+        raise _write_failure(e, path) from e
     try:
         yield tmp_path
         apply_file_modes(tmp_path)  # mkdtemp and some writers (safetensors) make them owner-only

@@ -88,6 +88,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """An ``argparse`` type: an integer >= 1."""
     try:
@@ -319,6 +330,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.quiet,
         utility=utility,
+        calibrate=args.calibrate,
+        seed=args.seed,
+        **{k: getattr(args, k) for k in ("resamples", "level") if getattr(args, k) is not None},
     )
     return 0
 
@@ -541,6 +555,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--tstr-steps", type=_positive_int, help="training steps of each classifier (default 200)"
+    )
+    evaluate.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also score known degradations of real images (blur, noise, patch shuffle, inversion, "
+        "copies) with the same features: what this yardstick can see",
+    )
+    evaluate.add_argument(
+        "--resamples",
+        type=_non_negative_int,
+        help="half-samples per interval (default 200, fewer for large sets; 0: no intervals)",
+    )
+    evaluate.add_argument("--level", type=float, help="of the intervals, in (0, 1) (default 0.9)")
+    evaluate.add_argument(
+        "--seed", type=_seed, default=0, help="of the reference draws, intervals and calibration (default 0)"
     )
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--device", help="e.g. cuda (default cpu)")

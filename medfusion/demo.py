@@ -3,8 +3,9 @@
 One call runs what a user runs on their own data, in order, with the same functions as the
 commands: build the demo data (:mod:`medfusion.data.demo`, once, into a cache), inspect it, train
 the VAE, train the class-conditional latent diffusion U-Net, sample a synthetic dataset, train the
-domain feature extractor on the real training images, and evaluate the synthetic images against
-the held-out real ones. Everything lands in one folder::
+domain feature extractor on the real training images, train a classifier on the synthetic and on
+the real training images (TSTR beside TRTR), and evaluate the synthetic images against the
+held-out real ones, with the calibration of the yardstick. Everything lands in one folder::
 
     OUT/autoencoder/      the VAE run (OUT/autoencoder/vae is the model)
     OUT/diffusion/        the U-Net run (checkpoints, logs, sample grids)
@@ -50,9 +51,10 @@ OUTPUTS = (
     DEMO_FILE,
 )
 # shares of the time budget; the rest goes to the data, latent caching, sampling and evaluation
-SHARES = {"autoencoder": 0.22, "diffusion": 0.36, "features": 0.05}
+SHARES = {"autoencoder": 0.2, "diffusion": 0.33, "features": 0.12}
+TSTR_STEPS = {2: 200, 3: 60}  # classifier steps of each TSTR/TRTR fit, by spatial dims
 OVERHEAD = 1.25  # a training step in the loop (data, EMA, logging) over the probe's bare step
-STEP_BOUNDS = {"autoencoder": (100, 5000), "diffusion": (300, 20000), "features": (50, 2000)}
+STEP_BOUNDS = {"autoencoder": (100, 5000), "diffusion": (300, 20000), "features": (100, 2000)}
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class DemoModels:
 
 PROFILES = {
     # (spatial dims, accelerator): small enough for two CPU cores, larger where a GPU gives the time
-    (2, "cpu"): DemoModels((32, 64, 128), 16, (64, 128, 128), 1, 32, (32, 64, 128, 256), 32),
+    (2, "cpu"): DemoModels((32, 64, 128), 16, (64, 128, 128), 1, 32, (16, 32, 64, 128), 32),
     (2, "cuda"): DemoModels((64, 128, 256), 32, (128, 256, 256), 2, 128, (32, 64, 128, 256), 128, "bf16", 4),
     (3, "cpu"): DemoModels((16, 32, 64), 4, (32, 64, 64), 1, 16, (16, 32, 64), 16),
     (3, "cuda"): DemoModels((32, 64, 128), 8, (64, 128, 128), 2, 64, (32, 64, 128), 64, "bf16", 4),
@@ -179,7 +181,7 @@ def _run_stages(out: Path, dataset: str, minutes: float, data_dir, device: str, 
     budget = 60.0 * minutes
     start = time.perf_counter()
     stages: dict[str, dict] = {}
-    total = 7
+    total = 8
 
     def stage(number: int, name: str, text: str) -> float:
         log(f"\n[{number}/{total}] {text}")
@@ -220,7 +222,11 @@ def _run_stages(out: Path, dataset: str, minutes: float, data_dir, device: str, 
     features_info = _train_features(demo_data, out / "features", profile, budget, seed, progress, log)
     done("features", t, **features_info)
 
-    t = stage(7, "evaluate", "evaluating the synthetic images against the held-out real images")
+    t = stage(7, "tstr", "train on synthetic, test on real: a classifier on each, tested on held-out images")
+    utility = _utility(demo_data, out / "synthetic", device, seed, progress, log)
+    done("tstr", t, steps=utility["config"]["max_steps"], seeds=len(utility["seeds"]))
+
+    t = stage(8, "evaluate", "evaluating the synthetic images against the held-out real images, calibrated")
     from medfusion.metrics.evaluate import evaluate, headline
     from medfusion.metrics.features import load_extractor
 
@@ -241,6 +247,9 @@ def _run_stages(out: Path, dataset: str, minutes: float, data_dir, device: str, 
         progress=progress,
         log=lambda message: None,
         pipeline=pipeline,
+        seed=seed,
+        utility=utility,
+        calibrate=True,
     )
     done("evaluate", t)
     seconds = time.perf_counter() - start
@@ -401,7 +410,7 @@ def _sample(model_path, heldout_dir, synthetic, device, seed, progress, log):
     from medfusion.samplers.synthetic import write_synthetic_dataset
 
     per_class = max(len(list(p.iterdir())) for p in heldout_dir.iterdir() if p.is_dir())
-    n = max(16, 2 * per_class)  # twice the held-out images of a class
+    n = max(16, per_class)  # as many as the held-out images of a class
     sampler = SamplerConfig()
     result = write_synthetic_dataset(
         model_path, synthetic, n=n, sampler=sampler, seed=seed, device=device, progress=progress
@@ -422,6 +431,7 @@ def _train_features(demo_data: _DemoData, features_dir, profile, budget, seed, p
 
     from medfusion.metrics.features import DomainEncoder
     from medfusion.training.features import (
+        VALIDATION_FILE,
         EncoderTrainer,
         FeaturesRunConfig,
         FeaturesTask,
@@ -433,7 +443,9 @@ def _train_features(demo_data: _DemoData, features_dir, profile, budget, seed, p
     groups = min(16, profile.encoder_channels[0])
     base = {
         "model": {"block_out_channels": list(profile.encoder_channels), "norm_num_groups": groups},
-        "train": _train_config(profile, 1, profile.encoder_batch, 1e-3, seed, preview_every=0),
+        "train": _train_config(
+            profile, 1, profile.encoder_batch, 1e-3, seed, preview_every=0, ema_decay=None
+        ),
     }
     config = FeaturesRunConfig.from_dict(base, source="medfusion demo")
     torch.manual_seed(seed)
@@ -441,7 +453,7 @@ def _train_features(demo_data: _DemoData, features_dir, profile, budget, seed, p
         spatial_dims=dims, in_channels=channels, image_size=size, **config.model.to_dict()
     )
     classes = len(demo_data.classes)
-    throwaway = FeaturesTask(EncoderTrainer(encoder, config.projection_dim, classes), config, seed)
+    throwaway = FeaturesTask(EncoderTrainer(encoder, config.projection_dim, classes), config)
     batch = {
         "image": torch.rand(profile.encoder_batch, channels, *size) * 2 - 1,
         "label": torch.arange(profile.encoder_batch) % classes,
@@ -449,7 +461,9 @@ def _train_features(demo_data: _DemoData, features_dir, profile, budget, seed, p
     seconds = measure_step_seconds(throwaway, batch, config.train)
     steps = plan_steps("features", seconds, budget)
     log(f"plan: {steps} steps of batch {profile.encoder_batch} ({seconds:.3f} s per step measured here)")
-    base["train"] = _train_config(profile, steps, profile.encoder_batch, 1e-3, seed, preview_every=0)
+    base["train"] = _train_config(
+        profile, steps, profile.encoder_batch, 1e-3, seed, preview_every=0, ema_decay=None
+    )
     train_domain_encoder(
         demo_data.train,
         features_dir,
@@ -457,7 +471,33 @@ def _train_features(demo_data: _DemoData, features_dir, profile, budget, seed, p
         progress=progress,
         log=_quiet_config(log),
     )
-    return {"steps": steps, "seconds_per_step_probe": round(seconds, 4)}
+    validation = json.loads((features_dir / VALIDATION_FILE).read_text(encoding="utf-8"))
+    return {
+        "steps": steps,
+        "seconds_per_step_probe": round(seconds, 4),
+        "steps_run": validation["last_step"],
+        "kept_step": validation["kept_step"],
+    }
+
+
+def _utility(demo_data: _DemoData, synthetic: Path, device: str, seed: int, progress, log) -> dict:
+    """TSTR beside TRTR on the demo data: the downstream classifier, 3 seeds a side (fewer steps in
+    3D, where a step costs more)."""
+    from medfusion.config import DataConfig
+    from medfusion.downstream import ClassifierConfig, tstr
+
+    config = ClassifierConfig(
+        max_steps=TSTR_STEPS[demo_data.dims], batch_size=32 if demo_data.dims == 2 else 16
+    )
+    seeds = tuple(range(seed, seed + 3))
+    result = tstr(demo_data.train, synthetic, demo_data.heldout, DataConfig(), config, seeds=seeds,
+                  device=device, progress=progress, log=lambda message: None)  # fmt: skip
+    synthetic_score, real_score = (result[k]["balanced_accuracy"]["mean"] for k in ("tstr", "trtr"))
+    log(
+        "balanced accuracy on held-out real images: trained on synthetic "
+        f"{synthetic_score:.3f}, on real {real_score:.3f}"
+    )
+    return result
 
 
 def _quiet_config(log: Callable[[str], None]) -> Callable[[str], None]:

@@ -245,14 +245,14 @@ def _held_datasets(marker: Path, settings: dict) -> tuple[str, ...]:
 def build_demo_data(
     out: str | os.PathLike | None = None,
     crop_size: int = 64,
-    per_class: int = 80,
-    heldout_fraction: float = 0.2,
+    per_class: int = 256,
+    heldout_fraction: float = 0.25,
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
     datasets: Sequence[str] | None = None,
     volume_crop_size: int = 32,
-    volume_per_class: int = 48,
+    volume_per_class: int = 96,
 ) -> Path:
     """Write the demo datasets to ``out`` (once; later calls reuse a complete folder).
 
@@ -262,7 +262,8 @@ def build_demo_data(
     Args:
         out: target folder; default :func:`default_demo_dir`.
         crop_size: side of the square 2D crops, in pixels.
-        per_class: 2D crops per class (train + held-out).
+        per_class: 2D crops per class (train + held-out; the default holds out 64, enough for
+            the evaluation's real-vs-real references).
         heldout_fraction: share of each class written to ``heldout/``.
         seed: seed of the crop positions.
         force: rebuild even when a complete folder with the same settings exists.
@@ -270,7 +271,7 @@ def build_demo_data(
         datasets: which of ``xray``, ``color``, ``volumes`` to build; default all.
         volume_crop_size: side of the cubic 3D crops, in voxels (at most 40: the thinnest source
             volume is 40 voxels deep at 1.25 mm).
-        volume_per_class: 3D crops per class (train + held-out).
+        volume_per_class: 3D crops per class (train + held-out; the default holds out 24).
 
     Returns:
         The folder, holding ``<dataset>/{train,heldout}/<class>/*.png`` (2D) or ``*.nii.gz``

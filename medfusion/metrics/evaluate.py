@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from medfusion import __version__
 from medfusion.config import DataConfig
 from medfusion.data.dataset import ImageFolderDataset, open_alike
+from medfusion.metrics.calibration import calibrate as run_calibration
+from medfusion.metrics.calibration import summary as calibration_summary
 from medfusion.metrics.distribution import (
     BOUNDS,
     bootstrap_intervals,
@@ -230,6 +232,32 @@ def reference_draws(
     return draws
 
 
+def shared_classes(real_labels: tuple[str | None, ...], fake_labels: tuple[str | None, ...]) -> list[str]:
+    """The classes both sets hold, sorted."""
+    real_classes = {c for c in real_labels if c is not None}
+    return sorted(real_classes & {c for c in fake_labels if c is not None})
+
+
+def all_reference_draws(
+    real_labels: tuple[str | None, ...],
+    fake_labels: tuple[str | None, ...],
+    train_labels: tuple[str | None, ...] | None,
+    seed: int = 0,
+) -> tuple[dict[str | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bool]:
+    """:func:`reference_draws` per shared class and overall (None: the classes' draws together),
+    against the training images where every shared class has at least 2 of them, else a split of
+    the real images. Returns the draws and whether they use the training images."""
+    shared = shared_classes(real_labels, fake_labels)
+    strata: list[str | None] = list(shared) or [None]
+    use_train = train_labels is not None
+    if use_train and shared:
+        use_train = all(len(_rows(train_labels, c)) >= 2 for c in shared)
+    draws = reference_draws(real_labels, fake_labels, train_labels if use_train else None, strata, seed)
+    if shared and draws:  # overall: the classes' draws together
+        draws[None] = tuple(torch.cat([draws[c][i] for c in shared if c in draws]) for i in range(3))
+    return draws, use_train
+
+
 def _versus(key: str, synthetic: dict, reference: dict) -> dict:
     """One metric of the synthetic draw beside the real-vs-real value, at the same n."""
     value, base = synthetic[key], reference[key]
@@ -305,16 +333,11 @@ def compare_features(
     """
     check_interval_options(resamples, level)
     options = {"kid_subsets": kid_subsets, "resamples": resamples, "seed": seed, "level": level}
-    real_classes = {c for c in real_labels if c is not None}
-    shared = sorted(real_classes & {c for c in fake_labels if c is not None})
-    strata: list[str | None] = list(shared) or [None]
-    use_train = train is not None and train_labels is not None
-    if use_train and shared:
-        use_train = all(len(_rows(train_labels, c)) >= 2 for c in shared)
-    other, other_labels = (train, train_labels) if use_train else (real, None)
-    draws = reference_draws(real_labels, fake_labels, other_labels, strata, seed)
-    if shared and draws:  # overall: the classes' draws together
-        draws[None] = tuple(torch.cat([draws[c][i] for c in shared if c in draws]) for i in range(3))
+    shared = shared_classes(real_labels, fake_labels)
+    draws, use_train = all_reference_draws(
+        real_labels, fake_labels, train_labels if train is not None else None, seed
+    )
+    other = train if use_train else real
 
     groups: dict[str, dict] = {}
     warnings: list[str] = []
@@ -394,6 +417,7 @@ def evaluate(
     level: float = BOOTSTRAP_LEVEL,
     seed: int = 0,
     utility: dict | None = None,
+    calibrate: bool = False,
 ) -> dict:
     """Compare the synthetic folder ``fake`` with the real folder ``real``; write ``out/metrics.json``
     and ``out/report.html``. Returns the metrics (what ``metrics.json`` holds).
@@ -416,6 +440,9 @@ def evaluate(
         utility: what a classifier trained on the synthetic images does on the real ones, beside
             the same classifier trained on real images (``medfusion.downstream.tstr``'s result),
             kept in ``metrics.json`` as ``tstr`` and shown in the report.
+        calibrate: also score known degradations of the real-vs-real reference's images (blur,
+            noise, patch shuffle, inversion, copies; :mod:`medfusion.metrics.calibration`), kept
+            as ``calibration`` and shown as "what this yardstick can see".
 
     ``metrics.json`` holds, overall and per class, the metrics of all real vs all synthetic images
     (``n_real``, ``n_fake``, ``fid``, ``kid``, ...) with ``interval`` and ``interval_resamples``,
@@ -468,6 +495,9 @@ def evaluate(
             results["pipeline"] = pipeline
         if utility is not None:
             results["tstr"] = utility
+        if calibrate:
+            results["calibration"] = _calibrate(results, sets, datasets, extractor, batch_size, device, seed,
+                                                quantile, progress)  # fmt: skip
         audit = None
         if "train" in sets:
             train_features = sets["train"].features
@@ -491,16 +521,41 @@ def evaluate(
         write_report(out / REPORT_FILE, results, real_set, fake_set, sets.get("train"), audit)
         lines = [headline(results), *(class_line(k, v) for k, v in results["per_class"].items())]
         lines += [f"warning: {text}" for text in results["warnings"]]
+        if "calibration" in results:
+            lines += calibration_summary(results["calibration"])
         lines.append(f"wrote {out / METRICS_FILE} and {out / REPORT_FILE}")
         log("\n".join(f"# {line}" for line in lines))
         return results
+
+
+def _calibrate(results, sets, datasets, extractor, batch_size, device, seed, quantile, progress) -> dict:
+    """The calibration of this evaluation's yardstick on its overall real-vs-real reference."""
+    real_set, fake_set, train_set = sets["real"], sets["fake"], sets.get("train")
+    draws, use_train = all_reference_draws(
+        real_set.labels, fake_set.labels, train_set.labels if train_set is not None else None, seed
+    )
+    if None not in draws:
+        return {"skipped": "too few images for a real-vs-real reference"}
+    a, b, _ = draws[None]
+    other_name = "train" if use_train else "real"
+    # the audit's training images: all of them, or for a split the half the copies come from
+    audit_train = sets[other_name].features if use_train else real_set.features[b]
+    out = run_calibration(
+        extractor, real_set.features[a], datasets[other_name], b, audit_train, point_metrics,
+        batch_size=batch_size, device=device, seed=seed, quantile=quantile, progress=progress,
+    )  # fmt: skip
+    out["degraded"] = (
+        "training images (the real-vs-real reference's draw)" if use_train
+        else "the second half of the held-out real images (the real-vs-real reference's split)"
+    )  # fmt: skip
+    return out
 
 
 def significant(value: float | None, digits: int = 3) -> str:
     """``value`` to ``digits`` significant digits, without an exponent (``0.0123``, ``1.00``, ``257``)."""
     if value is None or not math.isfinite(value):
         return "–" if value is None else str(value)
-    if value == 0:
+    if abs(value) < 1e-9:  # 0, or 0 but for rounding (e.g. the FID of a set against itself)
         return "0"
     decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
     return f"{value:.{decimals}f}"

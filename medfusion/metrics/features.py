@@ -64,6 +64,7 @@ IMAGENET_INPUT_SIZE = (224, 224)  # when torchvision weights or a timm config na
 CLASSIFIER_NAMES = ("fc", "classifier", "heads", "head")  # where torchvision models keep theirs
 TIMM_WEIGHTS_FILE = "model.safetensors"  # what timm's Hugging Face hub repositories hold
 PROBE_SIZE = (64, 64)  # the probe image of extractors that take any size
+POOLINGS = ("multiscale", "mean")  # of the domain encoder
 # torchvision's DenseNet files keep the old key names ``denselayer1.norm.1.weight``; torchvision
 # renames them (to ``norm1``) when it loads them, and so do we
 _DENSENET_LEGACY_KEY = re.compile(
@@ -78,14 +79,24 @@ class DomainEncoder(ModelMixin, ConfigMixin):
     Trained by ``medfusion features train`` on the real reference set (self-supervised, with the
     class labels when there are any); saved and loaded like every model of the toolkit.
 
+    With ``pooling="multiscale"`` (what ``medfusion features train`` builds) the features are the
+    embedding (``num_features``, the global mean of the last level through a linear head, which
+    the training objectives shape) followed by the texture statistics of every level: the spatial
+    mean and standard deviation of each channel (``2 * sum(block_out_channels)`` more). The
+    statistics of the first levels respond to fine detail, noise and edges that a pooled embedding
+    learns to ignore; ``standardize`` (called once after training) scales every feature by its
+    spread over the training images so that no level dominates the distances by its magnitude.
+    ``pooling="mean"``: the embedding alone.
+
     Args:
         spatial_dims: 2 or 3.
         in_channels: image channels.
         block_out_channels: width per level; the image is halved between levels.
         layers_per_block: residual blocks per level.
-        num_features: width of the feature vector.
+        num_features: width of the embedding.
         norm_num_groups: GroupNorm groups (must divide every width).
         image_size: the size it was trained at (array order); inputs are resized to it.
+        pooling: ``multiscale`` or ``mean`` (see above).
     """
 
     config_name = "config.json"
@@ -100,6 +111,7 @@ class DomainEncoder(ModelMixin, ConfigMixin):
         num_features: int = 256,
         norm_num_groups: int = 16,
         image_size: tuple[int, ...] = (64, 64),
+        pooling: str = "mean",
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -110,27 +122,112 @@ class DomainEncoder(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"norm_num_groups {norm_num_groups} must divide every width in {tuple(block_out_channels)}"
             )
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}")
         d = spatial_dims
         blocks: list[nn.Module] = [conv_nd(d, in_channels, block_out_channels[0], 3, padding=1)]
         previous = block_out_channels[0]
+        self._level_ends = []  # indices into body after which a level's feature map is complete
         for level, width in enumerate(block_out_channels):
             for _ in range(layers_per_block):
                 blocks.append(ResBlock(d, previous, width, norm_num_groups=norm_num_groups))
                 previous = width
+            self._level_ends.append(len(blocks) - 1)
             if level < len(block_out_channels) - 1:
                 blocks.append(Downsample(d, previous))
         blocks += [group_norm(previous, norm_num_groups), nn.SiLU()]
         self.body = nn.Sequential(*blocks)
         self.head = nn.Linear(previous, num_features)
+        if pooling == "multiscale":
+            width = num_features + in_channels * len(block_out_channels) + 2 * sum(block_out_channels)
+            self.register_buffer("feature_mean", torch.zeros(width))
+            self.register_buffer("feature_scale", torch.ones(width))
 
     @property
     def num_features(self) -> int:
-        return int(self.config.num_features)
+        """Width of the features :meth:`forward` returns."""
+        return sum(self.feature_groups())
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The embedding (N, num_features) and the feature map of every level."""
+        h, maps = x, []
+        for index, block in enumerate(self.body):
+            h = block(h)
+            if index in self._level_ends:
+                maps.append(h)
+        return self.head(h.flatten(2).mean(-1)), maps
+
+    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The features before :meth:`standardize`'s scaling."""
+        embedding, maps = self.embed(x)
+        if self.config.pooling == "mean":
+            return embedding
+        statistics = [self._image_detail(x)]
+        for h in maps:
+            h = h.float()
+            detail = h - _local_mean(h)  # what a 3-wide neighbourhood does not share: fine detail
+            statistics += [
+                h.flatten(2).mean(-1),
+                detail.flatten(2).std(-1, correction=0).clamp_min(1e-6).log(),
+            ]
+        return torch.cat([embedding.float(), *statistics], dim=1)
+
+    @torch.no_grad()
+    def feature_groups(self) -> list[int]:
+        """Widths of the groups the features come in: the embedding, then per level the channel
+        means and the channel detail deviations."""
+        widths = [int(self.config.num_features)]
+        if self.config.pooling == "multiscale":
+            widths.append(self.config.in_channels * len(self.config.block_out_channels))
+            widths += [w for width in self.config.block_out_channels for w in (width, width)]
+        return widths
+
+    def _image_detail(self, x: torch.Tensor) -> torch.Tensor:
+        """The image's own fine detail at every scale of the encoder (a Laplacian pyramid's
+        energies): per scale and channel the log standard deviation of what a 3-wide
+        neighbourhood does not share, the image halved between scales. (N, channels * levels)."""
+        x = x.float()
+        energies = []
+        for level in range(len(self.config.block_out_channels)):
+            if level:
+                x = F.avg_pool2d(x, 2) if x.ndim == 4 else F.avg_pool3d(x, 2)
+            detail = x - _local_mean(x)
+            energies.append(detail.flatten(2).std(-1, correction=0).clamp_min(1e-6).log())
+        return torch.cat(energies, dim=1)
+
+    @torch.no_grad()
+    def standardize(self, batches) -> None:
+        """Set the feature scaling from images (an iterable of (N, C, *spatial) batches): every
+        feature centred on its mean and divided by its standard deviation over them (with a floor
+        of 1e-3 of the mean deviation, so that a constant feature does not explode) and by the
+        square root of its group's width (:meth:`feature_groups`), so that each group weighs the
+        same in a distance: the embedding as much as the fine detail of the first level, whatever
+        the number of channels behind each."""
+        if self.config.pooling == "mean":
+            return
+        rows = torch.cat([self.raw_features(b.to(self.device)).double() for b in batches])
+        if len(rows) < 2:
+            raise ValueError("standardize needs at least 2 images")
+        std = rows.std(0)
+        floor = 1e-3 * float(std.mean()) + 1e-12
+        width = torch.cat([torch.full((w,), float(w), dtype=torch.float64) for w in self.feature_groups()])
+        self.feature_mean.copy_(rows.mean(0).float())
+        self.feature_scale.copy_((std.clamp_min(floor) * width.sqrt()).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (N, in_channels, *spatial) in [-1, 1] -> features (N, num_features)."""
-        h = self.body(x)  # (N, C, *spatial / 2^(levels-1))
-        return self.head(h.flatten(2).mean(-1))  # (N, num_features)
+        features = self.raw_features(x)
+        if self.config.pooling == "mean":
+            return features
+        return (features - self.feature_mean) / self.feature_scale
+
+
+def _local_mean(h: torch.Tensor) -> torch.Tensor:
+    """The mean of every 3-wide (3x3 or 3x3x3) neighbourhood of ``h`` (N, C, *spatial), edges
+    replicated: the same shape."""
+    padded = F.pad(h, [1, 1] * (h.ndim - 2), mode="replicate")
+    pool = F.avg_pool2d if h.ndim == 4 else F.avg_pool3d
+    return pool(padded, 3, stride=1)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:

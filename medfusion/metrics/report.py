@@ -262,6 +262,48 @@ def _utility(tstr: dict) -> str:
     )
 
 
+_CALIBRATION_COLUMNS = (("fid_ratio", "FD / real vs real"), ("fid", "FD"), ("precision", "precision"),
+                        ("recall", "recall"), ("density", "density"), ("coverage", "coverage"))  # fmt: skip
+
+
+def _calibration(calibration: dict) -> str:
+    """What this yardstick can see: the degradations of real images scored like synthetic ones."""
+    if "skipped" in calibration:
+        return f"<h2>What this yardstick can see</h2><p>{html.escape(calibration['skipped'])}</p>"
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in _CALIBRATION_COLUMNS)
+    rows = []
+    reference = calibration["reference"]
+    cells = "".join(
+        f"<td>{'1x' if key == 'fid_ratio' else significant(reference.get(key))}</td>"
+        for key, _ in _CALIBRATION_COLUMNS
+    )
+    rows.append(f"<tr><th>none (real vs real)</th>{cells}</tr>")
+    for name, entry in calibration["degradations"].items():
+        if "flagged" in entry:
+            text = f"{100 * entry['flagged']:.1f}% flagged by the memorisation audit"
+            cells = f"<td colspan='{len(_CALIBRATION_COLUMNS)}'>{text}</td>"
+        else:
+            times = {"fid_ratio": "x"}
+            cells = "".join(
+                f"<td>{significant(entry.get(key))}{times.get(key, '') if entry.get(key) else ''}</td>"
+                for key, _ in _CALIBRATION_COLUMNS
+            )
+        rows.append(f"<tr><th>{html.escape(name)}<div class='ref'>{html.escape(entry['description'])}</div>"
+                    f"</th>{cells}</tr>")  # fmt: skip
+    checks = "".join(
+        f"<li><span class='{'in' if c['passed'] else 'out'}'>{'✓' if c['passed'] else '✗'}</span> "
+        f"{html.escape(c['check'])}: {significant(c['value'])}</li>"
+        for c in calibration["checks"]
+    )
+    return (
+        "<h2>What this yardstick can see</h2><p class='note'>Known degradations of "
+        f"{html.escape(calibration['degraded'])} ({calibration['n']} images), each scored against the same "
+        "real images with the same features as the synthetic set. A yardstick that cannot tell these from "
+        "real images cannot vouch for synthetic ones.</p>"
+        f"<table><tr><th>degradation</th>{head}</tr>{''.join(rows)}</table><ul>{checks}</ul>"
+    )
+
+
 def write_report(path: str | Path, results: dict, real_set, fake_set, train_set=None, audit=None) -> Path:
     """Write the HTML report of an evaluation to ``path`` (atomically)."""
     title = f"medfusion evaluation: {html.escape(results['fake'])}"
@@ -300,6 +342,8 @@ def write_report(path: str | Path, results: dict, real_set, fake_set, train_set=
             ratio = f"{significant(entry['ratio'])}x" if entry.get("ratio") is not None else "–"
             parts.append(f"<tr><th>{html.escape(label)}</th>{cells}<td>{ratio}</td></tr>")
         parts.append("</table>")
+    if results.get("calibration"):
+        parts.append(_calibration(results["calibration"]))
     if results.get("tstr"):
         parts.append(_utility(results["tstr"]))
     parts += ["<h2>Real and synthetic images</h2>", _grids(real_set, fake_set)]

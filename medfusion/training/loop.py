@@ -176,6 +176,14 @@ class TrainingTask:
         fixed batch, and scalars to log with them."""
         raise NotImplementedError
 
+    def stop_early(self, model: nn.Module, step: int) -> bool:
+        """Whether the run ends after ``step`` optimizer steps (before ``max_steps``), e.g. because a
+        validation criterion stopped improving; a checkpoint is written at that step. Called after
+        every step, the last one included (where the answer changes nothing), on
+        every process with the unwrapped main ``model`` (training weights), so the answer must be
+        the same on all of them. Default: never."""
+        return False
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -516,7 +524,8 @@ def train(
     callback: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``task``'s modules on ``dataset`` for ``config.max_steps`` optimizer steps.
+    """Train ``task``'s modules on ``dataset`` for ``config.max_steps`` optimizer steps, or until
+    ``task.stop_early`` ends the run.
 
     Writes ``out_dir/checkpoints/step_*/`` (every ``checkpoint_every`` steps and at the end) and
     ``out_dir/logs/`` (TensorBoard events, ``metrics.jsonl``, ``images/*.png``).
@@ -652,8 +661,9 @@ def train(
         logger.images(task.name, images, at, nrow=task.preview_nrow)
         return {f"preview/{k}": float(v) for k, v in scalars.items()}
 
+    stopping = False
     try:
-        while step < config.max_steps:
+        while step < config.max_steps and not stopping:
             epoch, start = divmod(micro, per_epoch)
             sampler.set_epoch(epoch, start)
             if hasattr(dataset, "set_epoch"):
@@ -702,7 +712,8 @@ def train(
                     accelerator.wait_for_everyone()
                 if scalars:
                     logger.scalars(scalars, step)
-                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                stopping = task.stop_early(accelerator.unwrap_model(models[main_name]), step)
+                if step % config.checkpoint_every == 0 or step == config.max_steps or stopping:
                     if accelerator.is_main_process:
                         unwrapped = {n: accelerator.unwrap_model(m) for n, m in models.items()}
                         checkpoint = _save_checkpoint(
@@ -713,7 +724,7 @@ def train(
                 window_start += time.perf_counter() - paused
                 if callback is not None:
                     callback(step, scalars)
-                if step >= config.max_steps:
+                if step >= config.max_steps or stopping:
                     break
     finally:
         bar.close()

@@ -5,7 +5,8 @@ vectors of width ``--dim``; 2048 is Inception's pool width). ``--metric features
 extraction itself: ``2 * --n`` random ``--size``² grayscale images through the default domain
 encoder. ``--metric diversity`` times the diversity score (mean pairwise MS-SSIM, 1000 pairs at
 most) of ``--n`` random grayscale images or volumes (``--spatial-dims``) of side ``--size``, at most
-as many as evaluate keeps per class. Each metric runs in a fresh process so
+as many as evaluate keeps per class. ``--metric calibration`` times ``evaluate --calibrate`` on
+random ``--size``² images (at most 1000 a side, as it draws). Each metric runs in a fresh process so
 that its peak resident memory (CPU) or peak allocated memory (GPU) is its own. The nearest-
 neighbour metrics work block-wise: their memory grows with ``block_size * N``, not ``N * N``.
 
@@ -13,6 +14,7 @@ neighbour metrics work block-wise: their memory grows with ``block_size * N``, n
     python scripts/bench_metrics.py --n 10000 --dim 2048 --device cuda
     python scripts/bench_metrics.py --n 10000 --metric features --size 256
     python scripts/bench_metrics.py --n 64 --metric diversity --size 32 --spatial-dims 3
+    python scripts/bench_metrics.py --n 10000 --metric calibration --size 64
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ def extract_features(args) -> float:
     from medfusion.training.features import MAX_DEFAULT_SIDE
 
     side = min(args.size, MAX_DEFAULT_SIDE)  # the default encoder works at most at 128 per side
-    encoder = DomainEncoder(spatial_dims=2, in_channels=1, image_size=(side, side)).eval()
+    encoder = DomainEncoder(
+        spatial_dims=2, in_channels=1, image_size=(side, side), pooling=args.pooling
+    ).eval()
     extractor = FeatureExtractor(encoder.to(args.device), "domain", encoder.num_features, 2, 1, (side, side))
     generator = torch.Generator().manual_seed(0)
     total = 0.0
@@ -47,6 +51,27 @@ def extract_features(args) -> float:
     return total
 
 
+def calibration(args) -> float:
+    """``evaluate --calibrate`` on min(--n, its cap) random --size^2 grayscale images: the six
+    degradations through a fresh default-shape domain encoder (multi-scale features) and the
+    point metrics of each against as many real features."""
+    from medfusion.metrics.calibration import MAX_IMAGES, calibrate
+    from medfusion.metrics.evaluate import point_metrics
+    from medfusion.metrics.features import DomainEncoder, FeatureExtractor
+    from medfusion.training.features import MAX_DEFAULT_SIDE
+
+    side = min(args.size, MAX_DEFAULT_SIDE)
+    encoder = DomainEncoder(spatial_dims=2, image_size=(side, side), pooling="multiscale").eval()
+    extractor = FeatureExtractor(encoder.to(args.device), "domain", encoder.num_features, 2, 1, (side, side))
+    n = min(args.n, MAX_IMAGES)
+    images = torch.rand(2 * n, 1, args.size, args.size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    dataset = [{"image": image} for image in images]
+    real = torch.cat([extractor(b.to(args.device)) for b in images[:n].split(args.batch)]).double().cpu()
+    result = calibrate(extractor, real, dataset, torch.arange(n, 2 * n), real, point_metrics,
+                       batch_size=args.batch, device=args.device, progress=False)  # fmt: skip
+    return result["degradations"]["blur_2"]["fid_ratio"]
+
+
 def image_diversity(args) -> float:
     """Diversity of min(--n, KEEP_PER_CLASS) random --size^2 images or --size^3 volumes (one class)."""
     shape = (min(args.n, KEEP_PER_CLASS), 1) + (args.size,) * args.spatial_dims
@@ -54,8 +79,9 @@ def image_diversity(args) -> float:
     return diversity(images.to(args.device)).per_class[None]
 
 
-IMAGE_METRICS = ("features", "diversity")  # opt-in: they time images, not feature arrays
+IMAGE_METRICS = ("features", "diversity", "calibration")  # opt-in: they time images, not feature arrays
 METRICS = {
+    "calibration": lambda real, fake, args: calibration(args),
     "features": lambda real, fake, args: extract_features(args),
     "diversity": lambda real, fake, args: image_diversity(args),
     "fid": lambda real, fake, args: fid(real, fake),
@@ -112,6 +138,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image side for --metric features/diversity")
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2, help="for --metric diversity")
     parser.add_argument("--batch", type=int, default=64, help="images per batch for --metric features")
+    parser.add_argument(
+        "--pooling",
+        choices=("multiscale", "mean"),
+        default="multiscale",
+        help="of the encoder (--metric features)",
+    )
     parser.add_argument("--block-size", type=int, default=1024, help="rows per nearest-neighbour block")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

@@ -22,7 +22,7 @@ TINY = {
     (2, "cpu"): DemoModels((8, 16), 8, (16, 32), 1, 16, (8, 16), 16),
     (3, "cpu"): DemoModels((8, 16, 16), 4, (16, 32), 1, 8, (8, 16), 8),
 }
-STAGES = ["data", "inspect", "autoencoder", "diffusion", "sample", "features", "evaluate"]
+STAGES = ["data", "inspect", "autoencoder", "diffusion", "sample", "features", "tstr", "evaluate"]
 
 
 @pytest.fixture
@@ -30,6 +30,7 @@ def tiny_demo(monkeypatch):
     """Tiny models and a few steps per stage, whatever the time budget."""
     monkeypatch.setattr(demo, "PROFILES", TINY)
     monkeypatch.setattr(demo, "STEP_BOUNDS", {"autoencoder": (3, 3), "diffusion": (4, 4), "features": (2, 2)})
+    monkeypatch.setattr(demo, "TSTR_STEPS", {2: 2, 3: 2})
 
 
 def _embedded_images(page: str) -> list[Image.Image]:
@@ -71,12 +72,12 @@ def test_demo_on_the_2d_data_from_the_command_line(tmp_path, tiny_demo, capsys):
     assert summary["dataset"] == "xray" and summary["device"] == "cpu"
     assert summary["stages"]["autoencoder"]["steps"] == 3 and summary["stages"]["diffusion"]["steps"] == 4
     assert summary["stages"]["autoencoder"]["psnr"] > 0
-    assert summary["stages"]["inspect"]["files"] == 256  # 4 classes x 64 training crops
+    assert summary["stages"]["inspect"]["files"] == 768  # 4 classes x 192 training crops
 
     model = load_model_folder(out / "model")
     assert model.info.class_names == ("chest", "ct", "limb", "mr")
     per_class = summary["stages"]["sample"]["per_class"]
-    assert per_class == 32  # twice the 16 held-out crops of a class
+    assert per_class == 64  # as many as the 64 held-out crops of a class
     for label in model.info.class_names:
         assert len(list((out / "synthetic" / label).glob("*.png"))) == per_class
 
@@ -85,11 +86,16 @@ def test_demo_on_the_2d_data_from_the_command_line(tmp_path, tiny_demo, capsys):
     assert metrics["extractor"].startswith("domain:")
     assert metrics["pipeline"]["stages"]["features"]["steps"] == 2
     assert metrics["memorisation"]["flagged"] >= 0
+    assert metrics["overall"]["n_real"] == 256 and metrics["overall"]["reference"]["n_real"] == 256
+    assert {c["check"] for c in metrics["calibration"]["checks"]} >= {"blur_2: FD / real-vs-real >= 2"}
+    assert metrics["tstr"]["seeds"] == [0, 1, 2] and metrics["tstr"]["config"]["max_steps"] == 2
+    assert summary["stages"]["tstr"]["steps"] == 2
 
     page = (out / "report.html").read_text()
     images = _embedded_images(page)
     assert len(images) >= 2 * 4  # a real and a synthetic grid per class, then the closest pairs
     assert "How the synthetic images were made" in page and "autoencoder" in page
+    assert "What this yardstick can see" in page and "train on synthetic, test on real" in page
 
     # a second run into the same folder needs --force, and then replaces the run
     assert main(["demo", "--out", str(out), "--data-dir", data, "--quiet"]) == 1
@@ -104,6 +110,7 @@ def test_demo_in_3d(tmp_path, tiny_demo):
     files = sorted((result.out / "synthetic").glob("*/*.nii.gz"))
     assert len(files) == 3 * result.stages["sample"]["per_class"]
     assert sorted(result.metrics["per_class"]) == sorted(model.info.class_names)
+    assert result.metrics["overall"]["n_real"] == 3 * 24 and "calibration" in result.metrics
     _embedded_images(result.report.read_text())
 
 

@@ -133,8 +133,10 @@ def calibrate(
 
 
 def summary(calibration: dict) -> list[str]:
-    """Lines for the terminal: one per failed check (the yardstick's blind spots), or one saying
-    that every check passed."""
+    """Lines for the terminal: one per failed check (the yardstick's blind spots), one saying that
+    every check passed, or why there was no calibration."""
+    if "skipped" in calibration:
+        return [f"calibration: none ({calibration['skipped']})"]
     failed = [c for c in calibration["checks"] if not c["passed"]]
     if not failed:
         return [f"calibration: every check passed on {calibration['n']} images (what this yardstick can see)"]

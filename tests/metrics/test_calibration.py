@@ -115,6 +115,7 @@ def test_a_yardstick_blind_to_texture_fails_the_checks_it_cannot_see():
     assert result["degradations"]["blur_2"]["fid_ratio"] < 2.0
     lines = summary(result)
     assert any("does not see blur_2" in line for line in lines)
+    assert summary({"skipped": "too few images"}) == ["calibration: none (too few images)"]
 
 
 def test_calibrate_draws_at_most_max_images_and_checks_its_arguments():

@@ -70,6 +70,19 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  {class_line(label, values)}")
     for warning in result.metrics.get("warnings", []):
         print(f"  warning: {warning}")
+    from medfusion.metrics.calibration import summary as calibration_summary
+
+    if "calibration" in result.metrics:
+        for line in calibration_summary(result.metrics["calibration"]):
+            print(f"  {line}")
+    if "tstr" in result.metrics:
+        tstr = result.metrics["tstr"]
+        scores = {k: tstr[k]["balanced_accuracy"] for k in ("tstr", "trtr")}
+        print(
+            "  balanced accuracy on held-out real images: trained on synthetic "
+            f"{scores['tstr']['mean']:.3f} ± {scores['tstr']['std']:.3f}, on real "
+            f"{scores['trtr']['mean']:.3f} ± {scores['trtr']['std']:.3f}"
+        )
     print(f"  report: {result.report.resolve()}")
     print(f"  model folder: {result.out / 'model'} (medfusion sample {result.out / 'model'} --n N --out DIR)")
     return 0

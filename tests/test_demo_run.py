@@ -66,6 +66,7 @@ def test_demo_on_the_2d_data_from_the_command_line(tmp_path, tiny_demo, capsys):
     printed = capsys.readouterr().out
     assert f"report: {(out / 'report.html').resolve()}" in printed
     assert re.search(r"domain:\S+: FID [\d.]+, KID \S+, precision [\d.]+, recall [\d.]+", printed)
+    assert "calibration: " in printed and "trained on synthetic" in printed
 
     summary = json.loads((out / DEMO_FILE).read_text())
     assert list(summary["stages"]) == STAGES

@@ -470,6 +470,23 @@ def _read_trainer(folder: Path) -> dict:
     return trainer
 
 
+def _optimizers(
+    task: TrainingTask, modules: Mapping[str, nn.Module], config: TrainConfig, device: torch.device
+) -> dict[str, torch.optim.Optimizer]:
+    """One AdamW per module, as ``config`` and ``task`` set it (fused on CUDA): the same for
+    training and for the step timer, so that the timer times what training runs."""
+    return {
+        name: torch.optim.AdamW(
+            module.parameters(),
+            lr=task.learning_rate(name, config.learning_rate),
+            betas=config.adam_betas,
+            weight_decay=config.weight_decay,
+            fused=device.type == "cuda",
+        )
+        for name, module in modules.items()
+    }
+
+
 def measure_step_seconds(
     task: TrainingTask, batch: dict, config: TrainConfig, repeats: int = 3, warmup: int = 1
 ) -> float:
@@ -487,10 +504,7 @@ def measure_step_seconds(
     task.setup(accelerator)
     for module in modules.values():
         module.to(accelerator.device).train()
-    optimizers = {
-        name: torch.optim.AdamW(module.parameters(), lr=task.learning_rate(name, config.learning_rate))
-        for name, module in modules.items()
-    }
+    optimizers = _optimizers(task, modules, config, accelerator.device)
     batch = _to_device(batch, accelerator.device)
 
     def step() -> None:
@@ -570,17 +584,7 @@ def train(
         if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
             module.enable_gradient_checkpointing()
     task.setup(accelerator)
-    fused = accelerator.device.type == "cuda"
-    optimizers = {
-        name: torch.optim.AdamW(
-            module.parameters(),
-            lr=task.learning_rate(name, config.learning_rate),
-            betas=config.adam_betas,
-            weight_decay=config.weight_decay,
-            fused=fused,
-        )
-        for name, module in modules.items()
-    }
+    optimizers = _optimizers(task, modules, config, accelerator.device)
     schedulers = {
         name: get_scheduler(
             config.lr_schedule,

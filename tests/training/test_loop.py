@@ -286,6 +286,22 @@ def test_measure_step_seconds_times_real_optimizer_steps():
         measure_step_seconds(task, batch, BASE, repeats=0)
 
 
+def test_measure_step_seconds_times_the_optimizer_training_runs(monkeypatch):
+    """The probe's AdamW takes the config's betas and weight decay, like the training loop's."""
+    made = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            made.append(kwargs)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    config = BASE.replace(adam_betas=(0.8, 0.95), weight_decay=0.05)
+    measure_step_seconds(_task(), {"image": torch.rand(2, 1, 16, 16) * 2 - 1}, config, repeats=1, warmup=0)
+    assert made and all(k["betas"] == (0.8, 0.95) and k["weight_decay"] == 0.05 for k in made)
+    assert made[0]["lr"] == config.learning_rate and all(k["fused"] is False for k in made)  # CPU: not fused
+
+
 @pytest.mark.parametrize(
     ("trainer", "says"),
     [

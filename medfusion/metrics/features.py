@@ -81,11 +81,13 @@ class DomainEncoder(ModelMixin, ConfigMixin):
 
     With ``pooling="multiscale"`` (what ``medfusion features train`` builds) the features are the
     embedding (``num_features``, the global mean of the last level through a linear head, which
-    the training objectives shape) followed by the texture statistics of every level: the spatial
-    mean and standard deviation of each channel (``2 * sum(block_out_channels)`` more). The
-    statistics of the first levels respond to fine detail, noise and edges that a pooled embedding
-    learns to ignore; ``standardize`` (called once after training) scales every feature by its
-    spread over the training images so that no level dominates the distances by its magnitude.
+    the training objectives shape), the image's own detail energy at every scale (per channel and
+    level, the log deviation of what a 3-wide neighbourhood does not share, the image halved
+    between levels) and, for every level, the spatial mean of each channel and the log deviation of
+    its fine detail (:func:`feature_group_widths`). The statistics respond to fine detail, noise
+    and edges that a pooled embedding learns to ignore; ``standardize`` (called once after
+    training) scales every feature by its spread over the training images and by the square root
+    of its group's width, so that each group weighs the same in a distance.
     ``pooling="mean"``: the embedding alone.
 
     Args:
@@ -139,7 +141,7 @@ class DomainEncoder(ModelMixin, ConfigMixin):
         self.body = nn.Sequential(*blocks)
         self.head = nn.Linear(previous, num_features)
         if pooling == "multiscale":
-            width = num_features + in_channels * len(block_out_channels) + 2 * sum(block_out_channels)
+            width = sum(feature_group_widths(num_features, in_channels, block_out_channels, pooling))
             self.register_buffer("feature_mean", torch.zeros(width))
             self.register_buffer("feature_scale", torch.ones(width))
 
@@ -172,15 +174,12 @@ class DomainEncoder(ModelMixin, ConfigMixin):
             ]
         return torch.cat([embedding.float(), *statistics], dim=1)
 
-    @torch.no_grad()
     def feature_groups(self) -> list[int]:
-        """Widths of the groups the features come in: the embedding, then per level the channel
-        means and the channel detail deviations."""
-        widths = [int(self.config.num_features)]
-        if self.config.pooling == "multiscale":
-            widths.append(self.config.in_channels * len(self.config.block_out_channels))
-            widths += [w for width in self.config.block_out_channels for w in (width, width)]
-        return widths
+        """Widths of the groups the features come in (see :func:`feature_group_widths`)."""
+        config = self.config
+        return feature_group_widths(
+            config.num_features, config.in_channels, config.block_out_channels, config.pooling
+        )
 
     def _image_detail(self, x: torch.Tensor) -> torch.Tensor:
         """The image's own fine detail at every scale of the encoder (a Laplacian pyramid's
@@ -220,6 +219,19 @@ class DomainEncoder(ModelMixin, ConfigMixin):
         if self.config.pooling == "mean":
             return features
         return (features - self.feature_mean) / self.feature_scale
+
+
+def feature_group_widths(
+    num_features: int, in_channels: int, block_out_channels: tuple[int, ...], pooling: str
+) -> list[int]:
+    """Widths of the groups a :class:`DomainEncoder`'s features come in: the embedding; with
+    ``multiscale`` pooling also the image's detail (channels x levels), then per level the channel
+    means and the channel detail deviations."""
+    widths = [int(num_features)]
+    if pooling == "multiscale":
+        widths.append(in_channels * len(block_out_channels))
+        widths += [w for width in block_out_channels for w in (width, width)]
+    return widths
 
 
 def _local_mean(h: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,9 @@ Choices, each for what an evaluation must see:
   ``min_improvement`` for ``patience`` validations (or at ``train.max_steps``). The encoder of the
   best validation is the one saved.
 - **Features on one scale.** After training, every feature is centred and scaled by its spread
-  over the training images (:meth:`DomainEncoder.standardize`), so that distances weigh the levels
-  alike and no level dominates by the magnitude of its activations.
+  over the training images and by the square root of its group's width
+  (:meth:`DomainEncoder.standardize`), so that each group (the embedding, the image's detail, each
+  level's means and detail) weighs the same in a distance, whatever its magnitude or width.
 
 It trains on the shared loop (checkpoints, resume, bf16, several GPUs) and writes
 ``FEAT/encoder/`` (``config.json`` + safetensors), which ``--features FEAT`` loads, and

@@ -21,21 +21,14 @@ from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import ImageFolderDataset, build_transform
 from medfusion.diffusion.objective import DiffusionConfig, DiffusionObjective
 from medfusion.diffusion.unet import UNet, UNetConfig
-from medfusion.runlock import run_lock
 from medfusion.samplers.model_folder import ModelInfo, save_model_folder
 from medfusion.samplers.sampling import sample_latents
 from medfusion.samplers.schedulers import make_scheduler
 from medfusion.training.latents import LatentDataset, build_latent_cache, cache_fingerprint
-from medfusion.training.loop import (
-    TrainConfig,
-    TrainingTask,
-    TrainResult,
-    check_new_run,
-    process_state,
-    train,
-)
+from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult
+from medfusion.training.run import PreparedRun, execute, seeded
 from medfusion.training.vae import load_vae
-from medfusion.utils import atomic_write_text
+from medfusion.utils import process_state
 
 DIFFUSION_DIR = "diffusion"
 MODEL_DIR = "model"
@@ -212,6 +205,63 @@ def model_info(dataset: ImageFolderDataset, config: DiffusionRunConfig, vae: VAE
     )
 
 
+def prepare_diffusion_run(
+    data: str | Path, vae_path: str | Path, out: str | Path, config: DiffusionRunConfig, progress: bool = True
+) -> PreparedRun:
+    """Load the VAE, read the data of ``medfusion train`` and resolve its config (nothing is
+    written); the model folder's metadata is checked now, not after training."""
+    out = Path(out)
+    run_dir = out / DIFFUSION_DIR
+    vae = load_vae(vae_path)
+    dataset = build_diffusion_dataset(data, config, progress=progress and process_state().is_main_process)
+    latent_shape = _check_compatible(dataset, vae, vae_path)
+    config = resolved_config(config, dataset, vae)
+    dims, channels, classes = vae.config.spatial_dims, vae.config.latent_channels, config.model.num_classes
+    probe = config.model.build(dims, channels, classes)
+    probe._check_input(torch.empty(1, *latent_shape, device="meta"))  # latent size vs levels
+    info = model_info(dataset, config, vae, latent_shape)  # checked now (class names ...), not after training
+    params = sum(p.numel() for p in probe.parameters()) / 1e6
+    names = ", ".join(dataset.class_names) if classes else "none (unconditional)"
+    summary = (
+        f"# data: {len(dataset)} items, {dataset.spatial_dims}D, {dataset.channels} channel(s); "
+        f"classes: {names}\n# latents {latent_shape} from {vae_path} (scaling factor "
+        f"{vae.scaling_factor:.4g}); U-Net: {params:.2f} M parameters"
+    )
+
+    def make_task() -> DiffusionTask:
+        return DiffusionTask(config.model.build(dims, channels, classes), vae, config, latent_shape)
+
+    def finish(result: TrainResult, final: DiffusionRunConfig, log: Callable[[str], None]) -> None:
+        if process_state().is_main_process:
+            trained = result.models["unet"].to("cpu")
+            path = save_model_folder(
+                out / MODEL_DIR, trained, vae.to("cpu"), final.diffusion.scheduler_config(), info
+            )
+            log(f"saved the model folder {path} (U-Net EMA weights, VAE, schedule, medfusion.json)")
+
+    def probe_batch(batch_size: int) -> dict:
+        """Latents as the cache holds them (or images to encode when training without a cache)."""
+        labels = torch.arange(batch_size) % (classes or 1)
+        if not config.cache_latents:
+            images = torch.stack([dataset[i % len(dataset)]["image"] for i in range(batch_size)])
+            return {"image": images, "label": labels}
+        mean = torch.randn(batch_size, *latent_shape)
+        return {"latent_mean": mean, "latent_std": torch.full_like(mean, 0.1), "label": labels}
+
+    return PreparedRun(
+        command="medfusion train",
+        config=config,
+        run_dir=run_dir,
+        make_task=seeded(config.train.seed, make_task),
+        dataset=lambda: _training_set(dataset, vae, config, run_dir, process_state(), progress),
+        summary=summary,
+        finish=finish,
+        preview_batch={"label": preview_labels(classes, config.preview)},
+        probe_batch=probe_batch,
+        lock_dir=out,
+    )
+
+
 def train_diffusion(
     data: str | Path,
     vae_path: str | Path,
@@ -222,63 +272,19 @@ def train_diffusion(
     progress: bool = True,
     log: Callable[[str], None] = print,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    deadline: float | None = None,
 ) -> TrainResult | None:
     """Train a class-conditional latent diffusion U-Net on ``data`` with the VAE at ``vae_path``.
 
     Writes ``out/diffusion/`` (``config.yaml``, ``checkpoints/``, ``logs/`` with sample grids,
     ``latents/`` when caching) and, at the end, the model folder ``out/model/``.
+    ``deadline``: see :func:`medfusion.training.run.execute`.
 
     Returns:
         the training result, or None for a dry run.
     """
-    out = Path(out)
-    run_dir = out / DIFFUSION_DIR
-    state = process_state()
-    vae = load_vae(vae_path)
-    dataset = build_diffusion_dataset(data, config, progress=progress and state.is_main_process)
-    latent_shape = _check_compatible(dataset, vae, vae_path)
-    config = resolved_config(config, dataset, vae)
-    torch.manual_seed(config.train.seed)
-    unet = config.model.build(vae.config.spatial_dims, vae.config.latent_channels, config.model.num_classes)
-    unet._check_input(torch.empty(1, *latent_shape, device="meta"))  # latent size vs levels
-    info = model_info(dataset, config, vae, latent_shape)  # checked now (class names ...), not after training
-    if state.is_main_process:
-        params = sum(p.numel() for p in unet.parameters()) / 1e6
-        classes = ", ".join(dataset.class_names) if config.model.num_classes else "none (unconditional)"
-        log(f"# medfusion train: resolved config\n{config.to_yaml()}")
-        log(
-            f"# data: {len(dataset)} items, {dataset.spatial_dims}D, {dataset.channels} channel(s); "
-            f"classes: {classes}\n# latents {latent_shape} from {vae_path} (scaling factor "
-            f"{vae.scaling_factor:.4g}); U-Net: {params:.2f} M parameters"
-        )
-    if dry_run:
-        return None
-    with run_lock(out, "medfusion train"):
-        check_new_run(run_dir, resume)  # before config.yaml replaces an earlier run's
-        if state.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-        train_set = _training_set(dataset, vae, config, run_dir, state, progress)
-        task = DiffusionTask(unet, vae, config, latent_shape)
-        preview = {"label": preview_labels(config.model.num_classes, config.preview)}
-        result = train(
-            task,
-            train_set,
-            run_dir,
-            config.train,
-            resume=resume,
-            preview_batch=preview,
-            callback=callback,
-            progress=progress,
-        )
-        if state.is_main_process:
-            trained = result.models["unet"].to("cpu")
-            path = save_model_folder(
-                out / MODEL_DIR, trained, vae.to("cpu"), config.diffusion.scheduler_config(), info
-            )
-            log(f"saved the model folder {path} (U-Net EMA weights, VAE, schedule, medfusion.json)")
-        state.wait_for_everyone()
-    return result
+    run = prepare_diffusion_run(data, vae_path, out, config, progress=progress)
+    return execute(run, resume, dry_run, progress, log, callback, deadline)
 
 
 def _training_set(dataset: ImageFolderDataset, vae: VAE, config, run_dir: Path, state, progress) -> Dataset:

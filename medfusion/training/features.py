@@ -43,16 +43,9 @@ from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import ImageFolderDataset, build_transform
 from medfusion.data.transforms import Compose, Resize
 from medfusion.metrics.features import ENCODER_DIR, DomainEncoder
-from medfusion.runlock import run_lock
-from medfusion.training.loop import (
-    TrainConfig,
-    TrainingTask,
-    TrainResult,
-    check_new_run,
-    process_state,
-    train,
-)
-from medfusion.utils import atomic_dir, atomic_write_text
+from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult
+from medfusion.training.run import PreparedRun, execute, seeded
+from medfusion.utils import atomic_dir, atomic_write_text, process_state
 
 MAX_DEFAULT_SIDE = 128
 MIN_VALIDATION = 8  # validation images at least (fewer images: no validation)
@@ -243,6 +236,25 @@ class FeaturesTask(TrainingTask):
         model.train(was_training)
         return float(loss)
 
+    def state_dict(self) -> dict:
+        """The validation history, the patience count and the best encoder so far."""
+        if self.validation is None:
+            return {}
+        best = (
+            None
+            if self.best is None
+            else {"loss": self.best[0], "step": self.best[1], "weights": self.best[2]}
+        )
+        return {"history": self.history, "waited": self._waited, "best": best}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.validation is None:
+            return
+        self.history = list(state["history"])
+        self._waited = int(state["waited"])
+        best = state["best"]
+        self.best = None if best is None else (float(best["loss"]), int(best["step"]), dict(best["weights"]))
+
     def stop_early(self, model: nn.Module, step: int) -> bool:
         if self.validation is None or step % self.config.validate_every:
             return False
@@ -279,6 +291,129 @@ def validation_split(size: int, fraction: float, seed: int = 0) -> tuple[list[in
     return sorted(order[count:]), sorted(order[:count])
 
 
+def _encoder_dataset(
+    data: str | Path, config: FeaturesRunConfig, progress: bool
+) -> tuple[ImageFolderDataset, tuple[int, ...]]:
+    """The real images without random transforms, resized after every data transform to the
+    encoder's size: ``config.image_size``, or the data's own with each side at most
+    ``MAX_DEFAULT_SIDE`` (features need no fine detail). Returns the dataset and the size."""
+    transform = build_transform(config.data.replace(random_crop=False, flip_axes=()))
+    dataset = ImageFolderDataset(
+        data,
+        labels=config.data.labels,
+        transform=transform,
+        skip_bad=config.data.skip_bad,
+        validate="header",
+        progress=progress,
+    )
+    produced = tuple(dataset[0]["image"].shape[1:])  # after the data transforms
+    if config.image_size:
+        size = tuple(config.image_size)
+    else:
+        size = tuple(min(side, MAX_DEFAULT_SIDE) for side in produced)
+    if len(size) != dataset.spatial_dims:
+        raise ValueError(f"image_size {list(size)} does not fit {dataset.spatial_dims}D data")
+    if size != produced:  # resized last, after every data transform, so that the encoder sees `size`
+        dataset.transform = Compose([transform, Resize(size)])
+    return dataset, size
+
+
+def prepare_features_run(
+    data: str | Path, out: str | Path, config: FeaturesRunConfig, progress: bool = True
+) -> PreparedRun:
+    """Read the real images of ``medfusion features train`` and resolve its config (the encoder's
+    image size: the data's own, each side at most ``MAX_DEFAULT_SIDE``); nothing is written."""
+    out = Path(out)
+    dataset, size = _encoder_dataset(data, config, progress=progress and process_state().is_main_process)
+    config = config.replace(image_size=size)
+    num_classes = len(dataset.class_names) if dataset.class_names else None
+    fraction, seed = config.validation_fraction, config.train.seed
+    train_rows, validation_rows = validation_split(len(dataset), fraction, seed)
+    validation = None
+    if validation_rows:
+        items = [dataset[i] for i in validation_rows]
+        images = torch.stack([item["image"] for item in items])
+        validation = (images, torch.tensor([int(item["label"]) for item in items]))
+
+    def make_encoder() -> DomainEncoder:
+        return DomainEncoder(
+            spatial_dims=dataset.spatial_dims,
+            in_channels=dataset.channels,
+            image_size=size,
+            **config.model.to_dict(),
+        )
+
+    def make_task() -> FeaturesTask:
+        trainer = EncoderTrainer(make_encoder(), config.projection_dim, num_classes)
+        return FeaturesTask(trainer, config, validation, seed=config.train.seed)
+
+    task_of_run: list[FeaturesTask] = []  # the task execute() trains, for finish()
+
+    def make_run_task() -> FeaturesTask:
+        task_of_run.append(make_task())
+        return task_of_run[-1]
+
+    def finish(result: TrainResult, final: FeaturesRunConfig, log: Callable[[str], None]) -> None:
+        _save_encoder(result, task_of_run[-1], dataset, train_rows, len(validation_rows), final, out, log)
+
+    params = sum(p.numel() for p in make_encoder().parameters()) / 1e6
+    classes = ", ".join(dataset.class_names) if num_classes else "none (contrastive only)"
+    held = (
+        f"{len(validation_rows)} held out for validation (stops when the validation loss has not "
+        f"improved for {config.patience} validations, at most {config.train.max_steps} steps)"
+        if validation_rows
+        else f"no validation (too few images or validation_fraction 0): {config.train.max_steps} steps"
+    )
+    summary = (
+        f"# data: {len(dataset)} items, {dataset.spatial_dims}D at {size}; classes: {classes}; "
+        f"{held}; encoder {params:.2f} M parameters"
+    )
+    return PreparedRun(
+        command="medfusion features train",
+        config=config,
+        run_dir=out,
+        make_task=seeded(config.train.seed, make_run_task),
+        dataset=Subset(dataset, train_rows) if validation_rows else dataset,
+        summary=summary,
+        finish=finish,
+    )
+
+
+def _save_encoder(result, task, dataset, train_rows, validation_images, config, out, log) -> None:
+    """Keep the encoder of the best validation, standardise its features over (up to
+    ``STANDARDIZE_IMAGES``) training images, write ``encoder/`` and ``validation.json``."""
+    encoder = result.models["encoder"].encoder
+    kept = result.step
+    if task.best is not None:  # the encoder of the best validation
+        _, kept, weights = task.best
+        encoder.load_state_dict(weights)
+    encoder.eval()
+    rows = train_rows[:: max(1, -(-len(train_rows) // STANDARDIZE_IMAGES))]
+    device = next(encoder.parameters()).device
+    encoder.standardize(
+        torch.stack([dataset[i]["image"] for i in rows[start : start + 64]]).to(device)
+        for start in range(0, len(rows), 64)
+    )
+    if not process_state().is_main_process:
+        return
+    record = {
+        "kept_step": kept,
+        "last_step": result.step,
+        "stopped_early": result.step < config.train.max_steps,
+        "validation_images": validation_images,
+        "history": task.history,
+    }
+    atomic_write_text(out / VALIDATION_FILE, json.dumps(record, indent=2) + "\n")
+    with atomic_dir(out / ENCODER_DIR, overwrite=True) as tmp:
+        encoder.save_pretrained(tmp, safe_serialization=True)
+    how = (
+        f"the best validation, step {kept} of {result.step}"
+        if task.best is not None
+        else f"step {result.step}"
+    )
+    log(f"# saved the domain encoder ({how}) to {out / ENCODER_DIR} (use it with --features {out})")
+
+
 def train_domain_encoder(
     data: str | Path,
     out: str | Path,
@@ -288,97 +423,14 @@ def train_domain_encoder(
     progress: bool = True,
     log: Callable[[str], None] = print,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    deadline: float | None = None,
 ) -> TrainResult | None:
     """Train a :class:`DomainEncoder` on the real images of ``data``; writes ``out/encoder/``
-    (``config.json`` + safetensors), ``out/config.yaml``, ``out/checkpoints/``, ``out/logs/``."""
-    out = Path(out)
-    state = process_state()
-    transform = build_transform(config.data.replace(random_crop=False, flip_axes=()))
-    dataset = ImageFolderDataset(
-        data,
-        labels=config.data.labels,
-        transform=transform,
-        skip_bad=config.data.skip_bad,
-        validate="header",
-        progress=progress and state.is_main_process,
-    )
-    produced = tuple(dataset[0]["image"].shape[1:])  # after the data transforms
-    if config.image_size:
-        size = tuple(config.image_size)
-    else:  # the data's own size, each side at most MAX_DEFAULT_SIDE (features need no fine detail)
-        size = tuple(min(side, MAX_DEFAULT_SIDE) for side in produced)
-    if len(size) != dataset.spatial_dims:
-        raise ValueError(f"image_size {list(size)} does not fit {dataset.spatial_dims}D data")
-    if size != produced:  # resized last, after every data transform, so that the encoder sees `size`
-        dataset.transform = Compose([transform, Resize(size)])
-    config = config.replace(image_size=size)
-    num_classes = len(dataset.class_names) if dataset.class_names else None
-    train_rows, validation_rows = validation_split(
-        len(dataset), config.validation_fraction, config.train.seed
-    )
-    torch.manual_seed(config.train.seed)
-    encoder = DomainEncoder(
-        spatial_dims=dataset.spatial_dims,
-        in_channels=dataset.channels,
-        image_size=size,
-        **config.model.to_dict(),
-    )
-    if state.is_main_process:
-        log(f"# medfusion features train: resolved config\n{config.to_yaml()}")
-        params = sum(p.numel() for p in encoder.parameters()) / 1e6
-        classes = ", ".join(dataset.class_names) if num_classes else "none (contrastive only)"
-        held = (
-            f"{len(validation_rows)} held out for validation (stops when the validation loss has not "
-            f"improved for {config.patience} validations, at most {config.train.max_steps} steps)"
-            if validation_rows
-            else f"no validation (too few images or validation_fraction 0): {config.train.max_steps} steps"
-        )
-        log(
-            f"# data: {len(dataset)} items, {dataset.spatial_dims}D at {size}; classes: {classes}; "
-            f"{held}; encoder {params:.2f} M parameters"
-        )
-    if dry_run:
-        return None
-    with run_lock(out, "medfusion features train"):
-        check_new_run(out, resume)  # before config.yaml replaces an earlier run's
-        if state.is_main_process:
-            atomic_write_text(out / "config.yaml", config.to_yaml())
-        validation = None
-        if validation_rows:
-            items = [dataset[i] for i in validation_rows]
-            images = torch.stack([item["image"] for item in items])
-            validation = (images, torch.tensor([int(item["label"]) for item in items]))
-        trainer = EncoderTrainer(encoder, config.projection_dim, num_classes)
-        task = FeaturesTask(trainer, config, validation, seed=config.train.seed)
-        training = Subset(dataset, train_rows) if validation_rows else dataset
-        result = train(task, training, out, config.train, resume=resume, callback=callback, progress=progress)
-        encoder = result.models["encoder"].encoder
-        kept = result.step
-        if task.best is not None:  # the encoder of the best validation
-            _, kept, weights = task.best
-            encoder.load_state_dict(weights)
-        encoder.eval()
-        rows = train_rows[:: max(1, -(-len(train_rows) // STANDARDIZE_IMAGES))]
-        device = next(encoder.parameters()).device
-        encoder.standardize(
-            torch.stack([dataset[i]["image"] for i in rows[start : start + 64]]).to(device)
-            for start in range(0, len(rows), 64)
-        )
-        if state.is_main_process:
-            record = {
-                "kept_step": kept,
-                "last_step": result.step,
-                "stopped_early": result.step < config.train.max_steps,
-                "validation_images": len(validation_rows),
-                "history": task.history,
-            }
-            atomic_write_text(out / VALIDATION_FILE, json.dumps(record, indent=2) + "\n")
-            with atomic_dir(out / ENCODER_DIR, overwrite=True) as tmp:
-                encoder.save_pretrained(tmp, safe_serialization=True)
-            how = (
-                f"the best validation, step {kept} of {result.step}" if task.best is not None
-                else f"step {result.step}"
-            )  # fmt: skip
-            log(f"# saved the domain encoder ({how}) to {out / ENCODER_DIR} (use it with --features {out})")
-        state.wait_for_everyone()
-    return result
+    (``config.json`` + safetensors), ``out/validation.json``, ``out/config.yaml``,
+    ``out/checkpoints/``, ``out/logs/``. ``deadline``: see :func:`medfusion.training.run.execute`.
+
+    Returns:
+        the training result, or None for a dry run.
+    """
+    run = prepare_features_run(data, out, config, progress=progress)
+    return execute(run, resume, dry_run, progress, log, callback, deadline)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -52,6 +53,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 TRAINER_FILE = "trainer.json"
 METRICS_FILE = "metrics.jsonl"
+TASK_STATE = "task"  # the task's own state in a checkpoint: task.json + task.safetensors
 
 
 class TrainingError(RuntimeError):
@@ -175,6 +177,14 @@ class TrainingTask:
         """Images (N, C, *spatial) in [-1, 1] to show for the main ``model`` (EMA weights) on a
         fixed batch, and scalars to log with them."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What the task itself must carry across a resume (e.g. a validation history), as nested
+        dicts/lists of tensors and JSON values; saved in every checkpoint. Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (called when a run resumes)."""
 
     def stop_early(self, model: nn.Module, step: int) -> bool:
         """Whether the run ends after ``step`` optimizer steps (before ``max_steps``), e.g. because a
@@ -370,6 +380,7 @@ def _save_checkpoint(
     ema: EMAModel | None,
     accelerator: Accelerator,
     config: TrainConfig,
+    task: TrainingTask,
 ) -> Path:
     def write(folder: Path) -> None:
         for name, module in modules.items():
@@ -383,6 +394,9 @@ def _save_checkpoint(
         if accelerator.scaler is not None:
             save_state(accelerator.scaler.state_dict(), folder / "scaler")
         save_state(rng_state(), folder / "rng")
+        task_state = task.state_dict()
+        if task_state:
+            save_state(task_state, folder / TASK_STATE)
         trainer = {
             "step": step,
             "processes": accelerator.num_processes,
@@ -435,6 +449,20 @@ def _load_checkpoint(
             stacklevel=3,
         )
     return int(trainer["step"])
+
+
+def _load_task_state(task: TrainingTask, folder: Path) -> None:
+    """Give ``task`` the state it saved in the checkpoint ``folder`` (its ``state_dict``)."""
+    if not task.state_dict():
+        return
+    if not (folder / f"{TASK_STATE}.json").is_file():
+        warnings.warn(
+            f"{folder}: holds no state of the {task.name} task (a checkpoint of an earlier version); "
+            "the run continues from the task's initial state",
+            stacklevel=3,
+        )
+        return
+    task.load_state_dict(load_state(folder / TASK_STATE))
 
 
 def check_new_run(out_dir: str | Path, resume: bool) -> None:
@@ -537,9 +565,10 @@ def train(
     preview_batch: dict | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    deadline: float | None = None,
 ) -> TrainResult:
-    """Train ``task``'s modules on ``dataset`` for ``config.max_steps`` optimizer steps, or until
-    ``task.stop_early`` ends the run.
+    """Train ``task``'s modules on ``dataset`` for ``config.max_steps`` optimizer steps, until
+    ``task.stop_early`` ends the run, or until ``deadline``.
 
     Writes ``out_dir/checkpoints/step_*/`` (every ``checkpoint_every`` steps and at the end) and
     ``out_dir/logs/`` (TensorBoard events, ``metrics.jsonl``, ``images/*.png``).
@@ -556,186 +585,295 @@ def train(
         callback: called on every process after each optimizer step with ``(step, scalars)``
             (scalars only on logging steps); it may raise to stop the run.
         progress: show a progress bar (main process).
+        deadline: a ``time.monotonic()`` instant: the run ends after the first optimizer step that
+            finishes later (a checkpoint and a preview are written at that step, as at the end).
+            None: no time limit.
     Returns:
         the step reached, the unwrapped modules (EMA weights copied into the main one) and the
         last checkpoint.
     """
-    out_dir = Path(out_dir)
-    accelerator = Accelerator(
-        cpu=cpu_only(),
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with="tensorboard" if _tensorboard_available() else None,
-        project_dir=str(out_dir / "logs"),
-    )
-    manager = CheckpointManager(out_dir / "checkpoints", keep_last=config.keep_checkpoints)
-    check_new_run(out_dir, resume)
-    world = accelerator.num_processes
-    per_epoch = len(dataset) // (config.batch_size * world)
-    if per_epoch < 1:
-        raise TrainingError(
-            f"the dataset has {len(dataset)} item(s), fewer than one global batch of "
-            f"{config.batch_size * world} (train.batch_size x {world} process(es)); lower train.batch_size"
-        )
-
-    modules = task.modules()
-    main_name = next(iter(modules))
-    for module in modules.values():
-        if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
-            module.enable_gradient_checkpointing()
-    task.setup(accelerator)
-    optimizers = _optimizers(task, modules, config, accelerator.device)
-    schedulers = {
-        name: get_scheduler(
-            config.lr_schedule,
-            opt,
-            num_warmup_steps=config.warmup_steps,
-            num_training_steps=config.max_steps,
-        )
-        for name, opt in optimizers.items()
-    }
-    ema = None
-    if config.ema_decay is not None:
-        ema = EMAModel(
-            modules[main_name].parameters(),
-            decay=config.ema_decay,
-            use_ema_warmup=config.ema_warmup,
-            power=2 / 3,
-            foreach=True,  # one fused update for all parameters, not a Python loop over them
-        )
-
-    step = 0
-    checkpoint: Path | None = None
-    log = (lambda msg: print(msg, file=sys.stderr)) if accelerator.is_main_process else (lambda msg: None)
-    if resume:
-        found = manager.latest_valid(log=log)
-        if found is None:
-            log(f"resume: no checkpoint in {manager.root}; starting from step 0")
-        else:
-            checkpoint, _ = found
-            step = _load_checkpoint(checkpoint, modules, optimizers, schedulers, ema, accelerator, config)
-            log(f"resumed from {checkpoint} (step {step})")
-    if ema is not None:
-        ema.to(accelerator.device)
-    for module in modules.values():
-        if config.channels_last:
-            to_channels_last(module)
-        if config.compile:
-            module.compile(mode=config.compile_mode)
-
-    names = list(modules)
-    prepared = accelerator.prepare(*modules.values(), *optimizers.values())
-    models = dict(zip(names, prepared[: len(names)]))
-    optimizers = dict(zip(names, prepared[len(names) :]))
-
-    sampler = EpochSampler(len(dataset), config.batch_size, config.seed, accelerator.process_index, world)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=config.num_workers,
-        collate_fn=_collate,
-        pin_memory=accelerator.device.type == "cuda",
-    )
-    if preview_batch is None:
-        preview_batch = next(iter(DataLoader(dataset, batch_size=min(8, len(dataset)), collate_fn=_collate)))
-    preview_batch = _to_device(preview_batch, accelerator.device)
-
-    logger = _Logger(accelerator, out_dir / "logs", task.name, resumed_from=step if resume else None)
-    images_per_step = config.batch_size * world * config.gradient_accumulation_steps
-    bar = tqdm(
-        total=config.max_steps,
-        initial=step,
-        desc=f"training {task.name}",
-        unit="step",
-        disable=not (progress and accelerator.is_main_process),
-        dynamic_ncols=True,
-    )
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    window_start, window_steps = time.perf_counter(), 0
-    micro = step * config.gradient_accumulation_steps
-    last_checkpoint = f"last checkpoint: {checkpoint}" if checkpoint else "no checkpoint written yet"
-
-    def preview(at: int) -> dict[str, float]:
-        main = accelerator.unwrap_model(models[main_name])
-        with _ema_weights(ema, main):
-            main.eval()
-            images, scalars = task.preview(main, preview_batch)
-            main.train()
-        logger.images(task.name, images, at, nrow=task.preview_nrow)
-        return {f"preview/{k}": float(v) for k, v in scalars.items()}
-
-    stopping = False
+    trainer = _Trainer(task, dataset, Path(out_dir), config, progress, deadline)
+    trainer.prepare(resume, preview_batch)
     try:
-        while step < config.max_steps and not stopping:
-            epoch, start = divmod(micro, per_epoch)
-            sampler.set_epoch(epoch, start)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            for batch in loader:
-                batch = _to_device(batch, accelerator.device)
-                torch.manual_seed(_step_seed(config.seed, accelerator.process_index, micro))
-                with accelerator.accumulate(*models.values()):
-                    for name, loss, terms in task.training_step(models, batch, step):
-                        _check_finite(loss, name, step, batch, dataset, last_checkpoint)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and config.max_grad_norm is not None:
-                            accelerator.clip_grad_norm_(models[name].parameters(), config.max_grad_norm)
-                        optimizers[name].step()
-                        optimizers[name].zero_grad(set_to_none=True)
-                        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                            schedulers[name].step()
-                        for key, value in {"loss": loss.detach(), **terms}.items():
-                            tag = f"{name}/{key}"
-                            sums[tag] = sums.get(tag, 0.0) + value.detach().float()
-                            counts[tag] = counts.get(tag, 0) + 1
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                window_steps += 1
-                if ema is not None:
-                    ema.step(accelerator.unwrap_model(models[main_name]).parameters())
-                bar.update(1)
-                scalars: dict[str, float] = {}
-                if step % config.log_every == 0 or step == config.max_steps:
-                    tags = sorted(sums)
-                    means = accelerator.reduce(torch.stack([sums[t] / counts[t] for t in tags]), "mean")
-                    elapsed = time.perf_counter() - window_start
-                    scalars = {t: float(v) for t, v in zip(tags, means.tolist())}
-                    scalars["images_per_second"] = window_steps * images_per_step / max(elapsed, 1e-9)
-                    scalars |= {f"lr/{n}": s.get_last_lr()[0] for n, s in schedulers.items()}
-                    sums, counts = {}, {}
-                    window_start, window_steps = time.perf_counter(), 0
-                    main_loss = scalars.get(f"{main_name}/loss", math.nan)
-                    bar.set_postfix(loss=f"{main_loss:.4g}", img_s=f"{scalars['images_per_second']:.1f}")
-                paused = time.perf_counter()  # previews and checkpoints do not count towards images/s
-                if (config.preview_every and step % config.preview_every == 0) or step == config.max_steps:
-                    if accelerator.is_main_process:
-                        scalars |= preview(step)
-                    accelerator.wait_for_everyone()
-                if scalars:
-                    logger.scalars(scalars, step)
-                stopping = task.stop_early(accelerator.unwrap_model(models[main_name]), step)
-                if step % config.checkpoint_every == 0 or step == config.max_steps or stopping:
-                    if accelerator.is_main_process:
-                        unwrapped = {n: accelerator.unwrap_model(m) for n, m in models.items()}
-                        checkpoint = _save_checkpoint(
-                            manager, step, unwrapped, optimizers, schedulers, ema, accelerator, config
-                        )
-                        last_checkpoint = f"last checkpoint: {checkpoint}"
-                    accelerator.wait_for_everyone()
-                window_start += time.perf_counter() - paused
+        while not trainer.finished:
+            for batch in trainer.epoch():
+                if not trainer.micro_step(batch):
+                    continue  # gradients accumulate over more micro-batches
+                scalars = trainer.log_step()
+                trainer.checkpoint_if_due()
                 if callback is not None:
-                    callback(step, scalars)
-                if step >= config.max_steps or stopping:
+                    callback(trainer.step, scalars)
+                if trainer.finished:
                     break
     finally:
-        bar.close()
-        logger.close()
+        trainer.close()
+    return trainer.result()
 
-    unwrapped = {n: accelerator.unwrap_model(m) for n, m in models.items()}
-    if ema is not None:
-        ema.copy_to(unwrapped[main_name].parameters())
-    latest = manager.list()
-    return TrainResult(step, unwrapped, latest[-1] if latest else checkpoint, logger.history)
+
+class _Trainer:
+    """The state of one :func:`train` call and its named steps: prepare (devices, optimizers,
+    EMA, resume, data), a micro-step, the logging of an optimizer step, checkpoints, the result."""
+
+    def __init__(
+        self,
+        task: TrainingTask,
+        dataset: Dataset,
+        out_dir: Path,
+        config: TrainConfig,
+        progress: bool,
+        deadline: float | None,
+    ):
+        self.task, self.dataset, self.out_dir, self.config = task, dataset, out_dir, config
+        self.progress, self.deadline = progress, deadline
+        self.accelerator = Accelerator(
+            cpu=cpu_only(),
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with="tensorboard" if _tensorboard_available() else None,
+            project_dir=str(out_dir / "logs"),
+        )
+        self.manager = CheckpointManager(out_dir / "checkpoints", keep_last=config.keep_checkpoints)
+        self.world = self.accelerator.num_processes
+        self.per_epoch = len(dataset) // (config.batch_size * self.world)
+        if self.per_epoch < 1:
+            raise TrainingError(
+                f"the dataset has {len(dataset)} item(s), fewer than one global batch of "
+                f"{config.batch_size * self.world} (train.batch_size x {self.world} process(es)); "
+                "lower train.batch_size"
+            )
+        self.step = 0
+        self.micro = 0
+        self.checkpoint: Path | None = None
+        self.stopping = False
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    # prepare ------------------------------------------------------------------------------------
+    def prepare(self, resume: bool, preview_batch: dict | None) -> None:
+        """Modules, optimizers, schedules and EMA on the device; the checkpoint state when
+        resuming; the data loader, the preview batch, the logger and the progress bar."""
+        task, config, accelerator = self.task, self.config, self.accelerator
+        check_new_run(self.out_dir, resume)
+        modules = task.modules()
+        self.main_name = next(iter(modules))
+        for module in modules.values():
+            if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+        task.setup(accelerator)
+        optimizers = _optimizers(task, modules, config, accelerator.device)
+        self.schedulers = {
+            name: get_scheduler(
+                config.lr_schedule,
+                opt,
+                num_warmup_steps=config.warmup_steps,
+                num_training_steps=config.max_steps,
+            )
+            for name, opt in optimizers.items()
+        }
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = EMAModel(
+                modules[self.main_name].parameters(),
+                decay=config.ema_decay,
+                use_ema_warmup=config.ema_warmup,
+                power=2 / 3,
+                foreach=True,  # one fused update for all parameters, not a Python loop over them
+            )
+        if resume:
+            self._resume(modules, optimizers)
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
+        for module in modules.values():
+            if config.channels_last:
+                to_channels_last(module)
+            if config.compile:
+                module.compile(mode=config.compile_mode)
+        names = list(modules)
+        prepared = accelerator.prepare(*modules.values(), *optimizers.values())
+        self.models = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(names, prepared[len(names) :]))
+        self._prepare_data(preview_batch)
+        self.logger = _Logger(
+            accelerator, self.out_dir / "logs", task.name, resumed_from=self.step if resume else None
+        )
+        self.bar = tqdm(
+            total=config.max_steps,
+            initial=self.step,
+            desc=f"training {task.name}",
+            unit="step",
+            disable=not (self.progress and accelerator.is_main_process),
+            dynamic_ncols=True,
+        )
+        self.micro = self.step * config.gradient_accumulation_steps
+        self.last_checkpoint = (
+            f"last checkpoint: {self.checkpoint}" if self.checkpoint else "no checkpoint written yet"
+        )
+
+    def _resume(self, modules: dict[str, nn.Module], optimizers: dict) -> None:
+        found = self.manager.latest_valid(log=self.log)
+        if found is None:
+            self.log(f"resume: no checkpoint in {self.manager.root}; starting from step 0")
+            return
+        self.checkpoint, _ = found
+        self.step = _load_checkpoint(
+            self.checkpoint, modules, optimizers, self.schedulers, self.ema, self.accelerator, self.config
+        )
+        _load_task_state(self.task, self.checkpoint)
+        self.log(f"resumed from {self.checkpoint} (step {self.step})")
+
+    def _prepare_data(self, preview_batch: dict | None) -> None:
+        accelerator, config, dataset = self.accelerator, self.config, self.dataset
+        self.sampler = EpochSampler(
+            len(dataset), config.batch_size, config.seed, accelerator.process_index, self.world
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=config.num_workers,
+            collate_fn=_collate,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        if preview_batch is None:
+            first = DataLoader(dataset, batch_size=min(8, len(dataset)), collate_fn=_collate)
+            preview_batch = next(iter(first))
+        self.preview_batch = _to_device(preview_batch, accelerator.device)
+
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(message, file=sys.stderr)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.config.max_steps or self.stopping
+
+    # step ---------------------------------------------------------------------------------------
+    def epoch(self) -> Iterator[dict]:
+        """The batches from the current position (mid-epoch after a resume) to the epoch's end."""
+        epoch, start = divmod(self.micro, self.per_epoch)
+        self.sampler.set_epoch(epoch, start)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return iter(self.loader)
+
+    def micro_step(self, batch: dict) -> bool:
+        """Forward and backward passes of one micro-batch, and the optimizer steps when gradients
+        are synchronised; True when an optimizer step is complete."""
+        accelerator, config = self.accelerator, self.config
+        batch = _to_device(batch, accelerator.device)
+        torch.manual_seed(_step_seed(config.seed, accelerator.process_index, self.micro))
+        with accelerator.accumulate(*self.models.values()):
+            for name, loss, terms in self.task.training_step(self.models, batch, self.step):
+                _check_finite(loss, name, self.step, batch, self.dataset, self.last_checkpoint)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(self.models[name].parameters(), config.max_grad_norm)
+                self.optimizers[name].step()
+                self.optimizers[name].zero_grad(set_to_none=True)
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    self.schedulers[name].step()
+                for key, value in {"loss": loss.detach(), **terms}.items():
+                    tag = f"{name}/{key}"
+                    self.sums[tag] = self.sums.get(tag, 0.0) + value.detach().float()
+                    self.counts[tag] = self.counts.get(tag, 0) + 1
+        self.micro += 1
+        if not accelerator.sync_gradients:
+            return False
+        self.step += 1
+        self.window_steps += 1
+        if self.ema is not None:
+            self.ema.step(accelerator.unwrap_model(self.models[self.main_name]).parameters())
+        self.bar.update(1)
+        return True
+
+    # log ----------------------------------------------------------------------------------------
+    def log_step(self) -> dict[str, float]:
+        """The scalars of a logging step (loss means over the window, images/s, learning rates),
+        the preview when due, and whether the run stops here (``task.stop_early``, the deadline)."""
+        config, step = self.config, self.step
+        scalars: dict[str, float] = {}
+        if step % config.log_every == 0 or step == config.max_steps:
+            scalars = self._window_scalars()
+        paused = time.perf_counter()  # previews and checkpoints do not count towards images/s
+        self.stopping = self.task.stop_early(self._unwrapped_main(), step) or self._past_deadline()
+        if (config.preview_every and step % config.preview_every == 0) or self.finished:
+            if self.accelerator.is_main_process:
+                scalars |= self._preview()
+            self.accelerator.wait_for_everyone()
+        if scalars:
+            self.logger.scalars(scalars, step)
+        self.window_start += time.perf_counter() - paused
+        return scalars
+
+    def _window_scalars(self) -> dict[str, float]:
+        tags = sorted(self.sums)
+        means = self.accelerator.reduce(torch.stack([self.sums[t] / self.counts[t] for t in tags]), "mean")
+        elapsed = time.perf_counter() - self.window_start
+        images = self.config.batch_size * self.world * self.config.gradient_accumulation_steps
+        scalars = {t: float(v) for t, v in zip(tags, means.tolist())}
+        scalars["images_per_second"] = self.window_steps * images / max(elapsed, 1e-9)
+        scalars |= {f"lr/{n}": s.get_last_lr()[0] for n, s in self.schedulers.items()}
+        self.sums, self.counts = {}, {}
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        main_loss = scalars.get(f"{self.main_name}/loss", math.nan)
+        self.bar.set_postfix(loss=f"{main_loss:.4g}", img_s=f"{scalars['images_per_second']:.1f}")
+        return scalars
+
+    def _past_deadline(self) -> bool:
+        """Whether the deadline has passed (the main process decides for all)."""
+        if self.deadline is None:
+            return False
+        late = torch.tensor(float(time.monotonic() > self.deadline), device=self.accelerator.device)
+        if self.world > 1:
+            late = broadcast(late, from_process=0)
+        if bool(late) and self.step < self.config.max_steps:
+            self.log(f"time is up: stopping at step {self.step} of {self.config.max_steps}")
+        return bool(late)
+
+    def _unwrapped_main(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.models[self.main_name])
+
+    def _preview(self) -> dict[str, float]:
+        main = self._unwrapped_main()
+        with _ema_weights(self.ema, main):
+            main.eval()
+            images, scalars = self.task.preview(main, self.preview_batch)
+            main.train()
+        self.logger.images(self.task.name, images, self.step, nrow=self.task.preview_nrow)
+        return {f"preview/{k}": float(v) for k, v in scalars.items()}
+
+    # checkpoint ---------------------------------------------------------------------------------
+    def checkpoint_if_due(self) -> None:
+        """A checkpoint every ``checkpoint_every`` steps and at the last step (main process)."""
+        if self.step % self.config.checkpoint_every and not self.finished:
+            return
+        if self.accelerator.is_main_process:
+            unwrapped = {n: self.accelerator.unwrap_model(m) for n, m in self.models.items()}
+            self.checkpoint = _save_checkpoint(
+                self.manager,
+                self.step,
+                unwrapped,
+                self.optimizers,
+                self.schedulers,
+                self.ema,
+                self.accelerator,
+                self.config,
+                self.task,
+            )
+            self.last_checkpoint = f"last checkpoint: {self.checkpoint}"
+        self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        for opened in ("bar", "logger"):
+            if hasattr(self, opened):
+                getattr(self, opened).close()
+
+    def result(self) -> TrainResult:
+        """The step reached, the unwrapped modules (the EMA weights in the main one)."""
+        unwrapped = {n: self.accelerator.unwrap_model(m) for n, m in self.models.items()}
+        if self.ema is not None:
+            self.ema.copy_to(unwrapped[self.main_name].parameters())
+        latest = self.manager.list()
+        return TrainResult(
+            self.step, unwrapped, latest[-1] if latest else self.checkpoint, self.logger.history
+        )

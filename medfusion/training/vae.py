@@ -24,16 +24,9 @@ from medfusion.autoencoders.vae import VAE, VAEConfig
 from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import DatasetSubset, ImageFolderDataset, build_transform, split_indices
 from medfusion.metrics.reconstruction import ReconstructionMeter, psnr
-from medfusion.runlock import run_lock
-from medfusion.training.loop import (
-    TrainConfig,
-    TrainingTask,
-    TrainResult,
-    check_new_run,
-    process_state,
-    train,
-)
-from medfusion.utils import atomic_dir, atomic_write_text
+from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult
+from medfusion.training.run import PreparedRun, execute, seeded
+from medfusion.utils import atomic_dir, atomic_write_text, process_state
 from medfusion.visualize import reconstruction_grid
 
 
@@ -201,6 +194,47 @@ def resolved_config(config: VAERunConfig, dataset: Dataset) -> VAERunConfig:
     return dataclasses.replace(config, model=model)
 
 
+def prepare_vae_run(
+    data: str | Path, out: str | Path, config: VAERunConfig, progress: bool = True
+) -> PreparedRun:
+    """Read the data of ``medfusion train-vae`` and resolve its config (nothing is written).
+
+    Raises ``ValueError`` when the image size does not suit the model, before any training.
+    """
+    out = Path(out)
+    datasets = build_vae_datasets(data, config, progress=progress and process_state().is_main_process)
+    config = resolved_config(config, datasets.train)
+    dims, channels = datasets.train.spatial_dims, datasets.train.channels
+    item_shape = tuple(datasets.train[0]["image"].shape)
+    probe = config.model.build(dims, channels)
+    latent = probe.latent_shape(item_shape[1:])  # raises when the image size does not suit the model
+    params = sum(p.numel() for p in probe.parameters())
+    summary = (
+        f"# data: {len(datasets.train)} training items, {dims}D, {channels} channel(s); held out: "
+        f"{datasets.heldout_source}\n"
+        f"# model: {params / 1e6:.2f} M parameters; images {item_shape} -> latents {latent}"
+    )
+
+    def make_task() -> VAETask:
+        return VAETask(config.model.build(dims, channels), VAELoss(config.loss, dims, channels))
+
+    def finish(result: TrainResult, final: VAERunConfig, log: Callable[[str], None]) -> None:
+        if process_state().is_main_process:
+            _finish(result.models["vae"], datasets, out, final, process_state().device, progress, log)
+
+    preview = next(iter(DataLoader(datasets.heldout, batch_size=min(8, len(datasets.heldout)))))
+    return PreparedRun(
+        command="medfusion train-vae",
+        config=config,
+        run_dir=out,
+        make_task=seeded(config.train.seed, make_task),
+        dataset=datasets.train,
+        summary=summary,
+        finish=finish,
+        preview_batch=preview,
+    )
+
+
 def train_vae(
     data: str | Path,
     out: str | Path,
@@ -210,56 +244,20 @@ def train_vae(
     progress: bool = True,
     log: Callable[[str], None] = print,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    deadline: float | None = None,
 ) -> TrainResult | None:
     """Train a VAE on the images of ``data`` into the run folder ``out``.
 
     Writes ``out/config.yaml`` (the resolved config), ``out/checkpoints/``, ``out/logs/``,
     ``out/vae/`` (the EMA model with its scaling factor, loadable with ``VAE.from_pretrained``)
     and ``out/vae_eval.json``. With ``dry_run`` only prints the resolved config and the model size.
+    ``deadline``: see :func:`medfusion.training.run.execute`.
 
     Returns:
         the training result, or None for a dry run.
     """
-    out = Path(out)
-    state = process_state()
-    datasets = build_vae_datasets(data, config, progress=progress and state.is_main_process)
-    config = resolved_config(config, datasets.train)
-    if state.is_main_process:
-        log(f"# medfusion train-vae: resolved config\n{config.to_yaml()}")
-        log(
-            f"# data: {len(datasets.train)} training items, {datasets.train.spatial_dims}D, "
-            f"{datasets.train.channels} channel(s); held out: {datasets.heldout_source}"
-        )
-    torch.manual_seed(config.train.seed)
-    vae = config.model.build(datasets.train.spatial_dims, datasets.train.channels)
-    item_shape = tuple(datasets.train[0]["image"].shape)
-    vae.latent_shape(item_shape[1:])  # raises when the image size does not suit the model
-    if state.is_main_process:
-        params = sum(p.numel() for p in vae.parameters())
-        latent = vae.latent_shape(item_shape[1:])
-        log(f"# model: {params / 1e6:.2f} M parameters; images {item_shape} -> latents {latent}")
-    if dry_run:
-        return None
-    with run_lock(out, "medfusion train-vae"):
-        check_new_run(out, resume)  # before config.yaml replaces an earlier run's
-        if state.is_main_process:
-            atomic_write_text(out / "config.yaml", config.to_yaml())
-        task = VAETask(vae, VAELoss(config.loss, datasets.train.spatial_dims, datasets.train.channels))
-        preview = next(iter(DataLoader(datasets.heldout, batch_size=min(8, len(datasets.heldout)))))
-        result = train(
-            task,
-            datasets.train,
-            out,
-            config.train,
-            resume=resume,
-            preview_batch=preview,
-            callback=callback,
-            progress=progress,
-        )
-        if state.is_main_process:
-            _finish(result.models["vae"], datasets, out, config, state.device, progress, log)
-        state.wait_for_everyone()
-    return result
+    run = prepare_vae_run(data, out, config, progress=progress)
+    return execute(run, resume, dry_run, progress, log, callback, deadline)
 
 
 def _finish(vae: VAE, datasets: VAEDatasets, out: Path, config: VAERunConfig, device, progress, log) -> None:

@@ -327,3 +327,26 @@ def test_trainer_json_is_checked_against_its_schema(tmp_path, trainer, says):
         _read_trainer(folder)
     (folder / TRAINER_FILE).write_text('{"step": 5, "processes": 2, "train": {"seed": 0}}')
     assert _read_trainer(folder)["processes"] == 2
+
+
+def test_a_passed_deadline_stops_after_one_step_with_a_checkpoint(tmp_path, retina_crops, capsys):
+    """A deadline in the past: the run ends after its first optimizer step, as at max_steps (a
+    checkpoint of that step, the step's scalars), and says so."""
+    import time
+
+    config = BASE.replace(gradient_accumulation_steps=1, log_every=1)
+    result = train(_task(), retina_crops, tmp_path, config, progress=False, deadline=time.monotonic() - 1)
+    assert result.step == 1
+    assert [p.name for p in CheckpointManager(tmp_path / "checkpoints").list()] == ["step_000001"]
+    assert "time is up: stopping at step 1 of 12" in capsys.readouterr().err
+
+
+def test_a_far_deadline_changes_nothing(tmp_path, retina_crops):
+    import time
+
+    config = BASE.replace(max_steps=4, gradient_accumulation_steps=1)
+    later = time.monotonic() + 3600
+    timed = train(_task(), retina_crops, tmp_path / "a", config, progress=False, deadline=later)
+    plain = train(_task(), retina_crops, tmp_path / "b", config, progress=False)
+    assert timed.step == plain.step == 4
+    _assert_same(_weights(timed), _weights(plain))

@@ -409,18 +409,53 @@ def test_saved_features_are_standardised_per_group(crops_2d, tmp_path):
     assert all(float(v.sum()) == pytest.approx(1.0, rel=1e-3) for v in variances)
 
 
-def test_resume_continues_exactly(crops_2d, tmp_path):
-    """Views come from the loop's per-step seed: 2 steps and 2 more after a resume give the same
-    encoder as 4 steps in one go."""
-    straight = train_domain_encoder(
-        crops_2d, tmp_path / "a", _config(max_steps=4), progress=False, log=lambda _: None
-    )
-    train_domain_encoder(crops_2d, tmp_path / "b", _config(max_steps=2), progress=False, log=lambda _: None)
-    resumed = train_domain_encoder(
-        crops_2d, tmp_path / "b", _config(max_steps=4), resume=True, progress=False, log=lambda _: None
-    )
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def callback(at: int, scalars: dict) -> None:
+        if at == step:
+            raise _Interrupt
+
+    return callback
+
+
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(crops_2d, tmp_path):
+    """Stopped after the checkpoint of step 2 and resumed to 6: the same weights, the same
+    validation history (kept in the checkpoint), the same encoder kept as a run straight to 6."""
+    config = _config(max_steps=6, validate_every=1, patience=3, min_improvement=0.0)
+    quiet = {"progress": False, "log": lambda _: None}
+    straight = train_domain_encoder(crops_2d, tmp_path / "a", config, **quiet)
+    with pytest.raises(_Interrupt):
+        train_domain_encoder(crops_2d, tmp_path / "b", config, callback=_stop_at(2), **quiet)
+    assert (tmp_path / "b" / "checkpoints" / "step_000002" / "task.json").is_file()
+    resumed = train_domain_encoder(crops_2d, tmp_path / "b", config, resume=True, **quiet)
+    assert resumed.step == straight.step
     a, b = straight.models["encoder"].state_dict(), resumed.models["encoder"].state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads((tmp_path / run / VALIDATION_FILE).read_text()) for run in ("a", "b")]
+    assert records[0]["history"] == records[1]["history"] and len(records[0]["history"]) == straight.step
+    assert records[0]["kept_step"] == records[1]["kept_step"]
+    saved = [DomainEncoder.from_pretrained(tmp_path / run / ENCODER_DIR).state_dict() for run in ("a", "b")]
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
+def test_resume_without_the_task_state_warns_and_goes_on(crops_2d, tmp_path):
+    """A checkpoint without task.json (an earlier version's) resumes with a warning."""
+    config = _config(max_steps=4, validate_every=1, patience=3, min_improvement=0.0)
+    quiet = {"progress": False, "log": lambda _: None}
+    with pytest.raises(_Interrupt):
+        train_domain_encoder(crops_2d, tmp_path, config, callback=_stop_at(2), **quiet)
+    checkpoint = tmp_path / "checkpoints" / "step_000002"
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    manifest["files"] = [f for f in manifest["files"] if not f["path"].startswith("task.")]
+    (checkpoint / "checkpoint.json").write_text(json.dumps(manifest))
+    for name in ("task.json", "task.safetensors"):
+        (checkpoint / name).unlink()
+    with pytest.warns(UserWarning, match="no state of the encoder task"):
+        resumed = train_domain_encoder(crops_2d, tmp_path, config, resume=True, **quiet)
+    assert resumed.step == 4
 
 
 def test_validation_settings_are_checked():

@@ -8,13 +8,15 @@ lists from YAML become the tuples the dataclass declares.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -181,3 +183,79 @@ class DataConfig(Config):
             raise ValueError(f"seed must be an integer in 0..{MAX_SEED}; got {self.seed}")
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ValueError(f"flip_axes must be spatial axes 0, 1 or 2; got {self.flip_axes!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(Config):
+    """Base of the configs that :func:`model_config` derives from a model's constructor."""
+
+    model_class: ClassVar[type]
+    from_data: ClassVar[tuple[str, ...]] = ()
+
+    def resolve(self: C, *values: Any, **named: Any) -> C:
+        """This config with the arguments that come from the data (``from_data``, positionally in
+        that order or by name) filled in; a value set in the config must equal the data's."""
+        given = dict(zip(self.from_data, values)) | named
+        unknown = sorted(set(given) - set(self.from_data))
+        if unknown or len(values) > len(self.from_data):
+            takes = list(self.from_data)
+            raise TypeError(f"{type(self).__name__}.resolve takes {takes}; got {sorted(given)}")
+        for name, value in given.items():
+            configured = getattr(self, name)
+            if configured is not None and _plain(configured) != _plain(value):
+                raise ValueError(f"model.{name} is {_plain(configured)} but the data give {_plain(value)}")
+        return dataclasses.replace(self, **given)
+
+    def build(self, *values: Any, **named: Any) -> Any:
+        """A new model of ``model_class`` from this config, resolved with ``values`` (see
+        :meth:`resolve`)."""
+        resolved = self.resolve(*values, **named)
+        return self.model_class(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved)})
+
+
+def model_config(
+    model: type,
+    name: str,
+    from_data: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> type[ModelConfig]:
+    """A typed, frozen config class derived from ``model``'s constructor: one field per argument
+    (its type hint and default), so that the constructor (which diffusers' ``ConfigMixin``
+    saves as ``config.json``) is the single definition of a model's settings.
+
+    Args:
+        model: the model class (its ``__init__`` has type hints and defaults).
+        name: the config class's name (``UNetConfig``).
+        from_data: arguments the data decides (``spatial_dims``, ``in_channels``...): they default
+            to None in the config and are filled in by :meth:`ModelConfig.resolve`.
+        exclude: arguments the config does not hold (set by training, e.g. a scaling factor).
+        defaults: defaults that differ from the constructor's (a run's better choice for new
+            models, where the constructor keeps the one that loads older saved models).
+    Returns:
+        the config class, a :class:`ModelConfig`.
+    """
+    parameters = list(inspect.signature(model.__init__).parameters.values())[1:]  # without self
+    hints = typing.get_type_hints(model.__init__)
+    defaults = dict(defaults or {})
+    unknown = sorted((set(from_data) | set(exclude) | set(defaults)) - {p.name for p in parameters})
+    if unknown:
+        raise ValueError(f"{model.__name__} takes no argument(s) {unknown}")
+    fields = []
+    for parameter in parameters:
+        if parameter.name in exclude:
+            continue
+        if parameter.default is inspect.Parameter.empty and parameter.name not in from_data:
+            raise ValueError(f"{model.__name__}: argument {parameter.name} has no default")
+        hint, default = hints[parameter.name], defaults.get(parameter.name, parameter.default)
+        if parameter.name in from_data:
+            hint, default = hint | None, None
+        fields.append((parameter.name, hint, dataclasses.field(default=default)))
+    config = dataclasses.make_dataclass(name, fields, bases=(ModelConfig,), frozen=True)
+    config.model_class, config.from_data = model, tuple(from_data)
+    config.__module__ = model.__module__
+    config.__doc__ = (
+        f"The settings of a :class:`{model.__name__}`: its constructor's arguments (see there), "
+        f"{', '.join(from_data) or 'none'} from the data."
+    )
+    return config

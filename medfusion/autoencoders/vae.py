@@ -12,9 +12,9 @@ latents over a sample of the training set) is measured after training and stored
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from medfusion.config import Config
+from medfusion.config import model_config
 from medfusion.nn import (
     AttentionBlock,
     Downsample,
@@ -111,7 +111,7 @@ class VAE(ModelMixin, ConfigMixin):
         latent_channels: channels of the latent.
         norm_num_groups: GroupNorm groups (must divide every width).
         mid_attention: self-attention at the lowest level (SDPA).
-        attention_head_channels: channels per attention head; None: one head.
+        num_head_channels: channels per attention head; None: one head.
         dropout: dropout inside the residual blocks.
         scaling_factor: multiplier that gives latents unit variance; set after training with
             :meth:`set_scaling_factor`.
@@ -119,6 +119,15 @@ class VAE(ModelMixin, ConfigMixin):
 
     config_name = "config.json"
     _supports_gradient_checkpointing = True
+
+    # names of the saved config.json (of earlier versions) and what they are called now
+    renamed_config_keys: ClassVar[dict[str, str]] = {"attention_head_channels": "num_head_channels"}
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict, **kwargs):
+        """diffusers' config reading, with the :attr:`renamed_config_keys` of earlier versions."""
+        renamed = {cls.renamed_config_keys.get(k, k): v for k, v in config_dict.items()}
+        return super().extract_init_dict(renamed, **kwargs)
 
     @register_to_config
     def __init__(
@@ -131,7 +140,7 @@ class VAE(ModelMixin, ConfigMixin):
         latent_channels: int = 4,
         norm_num_groups: int = 32,
         mid_attention: bool = False,
-        attention_head_channels: int | None = None,
+        num_head_channels: int | None = None,
         dropout: float = 0.0,
         scaling_factor: float = 1.0,
     ):
@@ -151,11 +160,11 @@ class VAE(ModelMixin, ConfigMixin):
             raise ValueError(f"scaling_factor must be a positive number; got {scaling_factor}")
         if out_channels is not None and out_channels < 1:
             raise ValueError(f"out_channels must be >= 1 or None (same as in_channels); got {out_channels}")
-        if attention_head_channels is not None and (
-            attention_head_channels < 1 or any(w % attention_head_channels for w in widths[-1:])
+        if num_head_channels is not None and (
+            num_head_channels < 1 or any(w % num_head_channels for w in widths[-1:])
         ):
             raise ValueError(
-                f"attention_head_channels ({attention_head_channels}) must be a positive divisor of the "
+                f"num_head_channels ({num_head_channels}) must be a positive divisor of the "
                 f"lowest level's width {widths[-1]}"
             )
         out_channels = in_channels if out_channels is None else out_channels
@@ -170,14 +179,14 @@ class VAE(ModelMixin, ConfigMixin):
                 prev = width
             if level < len(widths) - 1:
                 blocks.append(Downsample(d, width))
-        blocks += _mid_blocks(d, prev, g, mid_attention, attention_head_channels, dropout)
+        blocks += _mid_blocks(d, prev, g, mid_attention, num_head_channels, dropout)
         blocks += [group_norm(prev, g), nn.SiLU(), conv_nd(d, prev, 2 * latent_channels, 3, padding=1)]
         self.encoder = _Stack(blocks)
         self.quant_conv = conv_nd(d, 2 * latent_channels, 2 * latent_channels, 1)
 
         self.post_quant_conv = conv_nd(d, latent_channels, latent_channels, 1)
         blocks = [conv_nd(d, latent_channels, widths[-1], 3, padding=1)]
-        blocks += _mid_blocks(d, widths[-1], g, mid_attention, attention_head_channels, dropout)
+        blocks += _mid_blocks(d, widths[-1], g, mid_attention, num_head_channels, dropout)
         prev = widths[-1]
         for level in reversed(range(len(widths))):
             for _ in range(layers_per_block + 1):
@@ -262,32 +271,9 @@ class VAE(ModelMixin, ConfigMixin):
         return self.decoder.blocks[-1].weight
 
 
-@dataclass(frozen=True)
-class VAEConfig(Config):
-    """The architecture of a :class:`VAE` as a typed config (``spatial_dims`` and ``in_channels``
-    default to what the training data has)."""
-
-    spatial_dims: int | None = None
-    in_channels: int | None = None
-    block_out_channels: tuple[int, ...] = (64, 128, 256)
-    layers_per_block: int = 2
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    mid_attention: bool = False
-    attention_head_channels: int | None = None
-    dropout: float = 0.0
-
-    def resolve(self, spatial_dims: int, in_channels: int) -> VAEConfig:
-        """This config with ``spatial_dims`` and ``in_channels`` of the data (checked if set)."""
-        for name, value in (("spatial_dims", spatial_dims), ("in_channels", in_channels)):
-            configured = getattr(self, name)
-            if configured is not None and configured != value:
-                raise ValueError(f"model.{name} is {configured} but the training data has {value}")
-        return dataclasses.replace(self, spatial_dims=spatial_dims, in_channels=in_channels)
-
-    def build(self, spatial_dims: int, in_channels: int) -> VAE:
-        """A new VAE for data with ``spatial_dims`` and ``in_channels`` (checked against the config)."""
-        return VAE(**dataclasses.asdict(self.resolve(spatial_dims, in_channels)))
+VAEConfig = model_config(
+    VAE, "VAEConfig", from_data=("spatial_dims", "in_channels"), exclude=("scaling_factor",)
+)
 
 
 def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:

@@ -7,16 +7,13 @@ optional class label; what that tensor means (noise or velocity) is the objectiv
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from medfusion.config import Config
+from medfusion.config import model_config
 from medfusion.nn import AttentionBlock, ClassEmbedding, Downsample, ResBlock, TimestepEmbedding, Upsample
 from medfusion.nn.layers import check_spatial_dims, conv_nd, group_norm, zero_module
 
@@ -240,32 +237,4 @@ class UNet(ModelMixin, ConfigMixin):
         return self.conv_out(F.silu(self.norm_out(h)))  # (N, out_channels, *spatial)
 
 
-@dataclass(frozen=True)
-class UNetConfig(Config):
-    """The architecture of a :class:`UNet` as a typed config; ``spatial_dims``, ``in_channels``
-    and ``num_classes`` come from the VAE and the data unless set."""
-
-    spatial_dims: int | None = None
-    in_channels: int | None = None
-    block_out_channels: tuple[int, ...] = (128, 256, 512)
-    layers_per_block: int = 2
-    attention_levels: tuple[bool, ...] | None = None
-    mid_attention: bool = False
-    num_head_channels: int | None = 64
-    norm_num_groups: int = 32
-    dropout: float = 0.0
-    num_classes: int | None = None
-    time_embed_dim: int | None = None
-
-    def resolve(self, spatial_dims: int, in_channels: int, num_classes: int | None) -> UNetConfig:
-        """This config with the latent's dims and channels and the data's classes (checked if set)."""
-        given = {"spatial_dims": spatial_dims, "in_channels": in_channels, "num_classes": num_classes}
-        for name, value in given.items():
-            configured = getattr(self, name)
-            if configured is not None and configured != value:
-                raise ValueError(f"model.{name} is {configured} but the VAE/data give {value}")
-        return dataclasses.replace(self, **given)
-
-    def build(self, spatial_dims: int, in_channels: int, num_classes: int | None) -> UNet:
-        """A new UNet (arguments checked against the config as in :meth:`resolve`)."""
-        return UNet(**dataclasses.asdict(self.resolve(spatial_dims, in_channels, num_classes)))
+UNetConfig = model_config(UNet, "UNetConfig", from_data=("spatial_dims", "in_channels", "num_classes"))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from medfusion.config import Config, DataConfig
+from medfusion.config import Config, DataConfig, model_config
 from medfusion.data.dataset import ImageFolderDataset, build_transform
 from medfusion.data.transforms import Compose, Resize
 from medfusion.metrics.features import ENCODER_DIR, DomainEncoder
@@ -54,15 +54,14 @@ STANDARDIZE_IMAGES = 2000  # training images the feature scaling is measured on,
 VALIDATION_FILE = "validation.json"
 
 
-@dataclass(frozen=True)
-class EncoderConfig(Config):
-    """The domain encoder's shape (see :class:`DomainEncoder`)."""
-
-    block_out_channels: tuple[int, ...] = (32, 64, 128, 256)
-    layers_per_block: int = 1
-    num_features: int = 256
-    norm_num_groups: int = 16
-    pooling: str = "multiscale"
+# the encoder's settings: DomainEncoder's constructor; multi-scale pooling for new encoders (the
+# constructor's default, mean pooling, is what encoders saved before it load with)
+EncoderConfig = model_config(
+    DomainEncoder,
+    "EncoderConfig",
+    from_data=("spatial_dims", "in_channels", "image_size"),
+    defaults={"pooling": "multiscale"},
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,9 @@ class FeaturesRunConfig(Config):
     """Everything ``medfusion features train`` needs; sections data, model, train.
 
     Attributes:
-        image_size: size the encoder works at (array order); None: the first image's (after the
-            data transforms), each side capped at 128. Every image is resized to it.
+        model: the encoder; ``model.image_size`` is the size it works at (array order), None: the
+            first image's (after the data transforms), each side capped at 128. Every image is
+            resized to it.
         temperature: NT-Xent temperature.
         projection_dim: width of the contrastive projection head (discarded after training).
         class_weight: weight of the classification term when the data has classes (0: off).
@@ -88,7 +88,6 @@ class FeaturesRunConfig(Config):
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(max_steps=2000, batch_size=32, learning_rate=1e-3, ema_decay=None)
     )
-    image_size: tuple[int, ...] | None = None
     temperature: float = 0.2
     projection_dim: int = 128
     class_weight: float = 1.0
@@ -307,12 +306,12 @@ def _encoder_dataset(
         progress=progress,
     )
     produced = tuple(dataset[0]["image"].shape[1:])  # after the data transforms
-    if config.image_size:
-        size = tuple(config.image_size)
+    if config.model.image_size:
+        size = tuple(config.model.image_size)
     else:
         size = tuple(min(side, MAX_DEFAULT_SIDE) for side in produced)
     if len(size) != dataset.spatial_dims:
-        raise ValueError(f"image_size {list(size)} does not fit {dataset.spatial_dims}D data")
+        raise ValueError(f"model.image_size {list(size)} does not fit {dataset.spatial_dims}D data")
     if size != produced:  # resized last, after every data transform, so that the encoder sees `size`
         dataset.transform = Compose([transform, Resize(size)])
     return dataset, size
@@ -325,7 +324,7 @@ def prepare_features_run(
     image size: the data's own, each side at most ``MAX_DEFAULT_SIDE``); nothing is written."""
     out = Path(out)
     dataset, size = _encoder_dataset(data, config, progress=progress and process_state().is_main_process)
-    config = config.replace(image_size=size)
+    config = config.replace(model=config.model.resolve(dataset.spatial_dims, dataset.channels, size))
     num_classes = len(dataset.class_names) if dataset.class_names else None
     fraction, seed = config.validation_fraction, config.train.seed
     train_rows, validation_rows = validation_split(len(dataset), fraction, seed)
@@ -336,12 +335,7 @@ def prepare_features_run(
         validation = (images, torch.tensor([int(item["label"]) for item in items]))
 
     def make_encoder() -> DomainEncoder:
-        return DomainEncoder(
-            spatial_dims=dataset.spatial_dims,
-            in_channels=dataset.channels,
-            image_size=size,
-            **config.model.to_dict(),
-        )
+        return config.model.build()
 
     def make_task() -> FeaturesTask:
         trainer = EncoderTrainer(make_encoder(), config.projection_dim, num_classes)

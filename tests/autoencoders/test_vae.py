@@ -76,7 +76,7 @@ def test_out_channels_and_last_layer(spatial_dims):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_gradients_reach_every_parameter_with_mid_attention(spatial_dims):
-    vae = tiny_vae(spatial_dims, 2, mid_attention=True, attention_head_channels=4)
+    vae = tiny_vae(spatial_dims, 2, mid_attention=True, num_head_channels=4)
     blocks = [m for m in vae.modules() if isinstance(m, AttentionBlock)]
     assert len(blocks) == 2 and all(b.num_heads == 2 for b in blocks)  # encoder and decoder
     randomize_attention(vae)
@@ -108,12 +108,12 @@ def test_gradients_reach_every_parameter_with_mid_attention(spatial_dims):
         ({"spatial_dims": 1}, "spatial_dims must be 2 or 3; got 1"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         (
-            {"mid_attention": True, "attention_head_channels": 3},
-            r"attention_head_channels \(3\) must be a positive divisor of the lowest level's width 8",
+            {"mid_attention": True, "num_head_channels": 3},
+            r"num_head_channels \(3\) must be a positive divisor of the lowest level's width 8",
         ),
         (
-            {"mid_attention": False, "attention_head_channels": 3},
-            r"attention_head_channels \(3\) must be a positive divisor",
+            {"mid_attention": False, "num_head_channels": 3},
+            r"num_head_channels \(3\) must be a positive divisor",
         ),
         (
             {"out_channels": 0},
@@ -328,8 +328,8 @@ def test_config_resolve_and_build():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"spatial_dims": 2}, "model.spatial_dims is 2 but the training data has 3"),
-        ({"in_channels": 1}, "model.in_channels is 1 but the training data has 2"),
+        ({"spatial_dims": 2}, "model.spatial_dims is 2 but the data give 3"),
+        ({"in_channels": 1}, "model.in_channels is 1 but the data give 2"),
     ],
 )
 def test_config_mismatch_names_the_key(fields, message):
@@ -360,3 +360,20 @@ def test_reconstruction_loss():
     torch.testing.assert_close(reconstruction_loss(x, y, "mse"), torch.tensor([1.5, 2.25]))
     with pytest.raises(ValueError, match="pixel loss must be 'l1' or 'mse'; got 'huber'"):
         reconstruction_loss(x, y, "huber")
+
+
+def test_a_vae_saved_with_the_earlier_name_of_num_head_channels_loads(tmp_path):
+    """config.json of earlier versions says attention_head_channels; it loads as num_head_channels."""
+    import json
+
+    vae = tiny_vae(2, 1, mid_attention=True, num_head_channels=4)
+    vae.save_pretrained(tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["attention_head_channels"] = config.pop("num_head_channels")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = VAE.from_pretrained(tmp_path, use_safetensors=True)
+    assert loaded.config.num_head_channels == 4
+    x = torch.rand(1, 1, 16, 16) * 2 - 1
+    torch.testing.assert_close(
+        loaded(x, sample_posterior=False).reconstruction, vae(x, sample_posterior=False).reconstruction
+    )

@@ -152,7 +152,7 @@ def test_data_settings_default_to_the_vae_run(crops_2d, tmp_path, capsys):
     [
         ("missing", [], "no trained VAE here"),
         ("rgb", [], "the images are 2D with 1 channel(s), but the VAE"),
-        ("grey", ["--set", "model.num_classes=5"], "model.num_classes is 5 but the VAE/data give 2"),
+        ("grey", ["--set", "model.num_classes=5"], "model.num_classes is 5 but the data give 2"),
         ("grey", ["--set", "diffusion.prediction_type=x0"], "diffusion.prediction_type must be one of"),
         (
             "grey",

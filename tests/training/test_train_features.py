@@ -27,10 +27,14 @@ from medfusion.training.features import (
 from medfusion.training.loop import TrainConfig
 
 
-def _config(max_steps: int = 2, labels: str | None = None, **changes) -> FeaturesRunConfig:
+def _config(
+    max_steps: int = 2, labels: str | None = None, image_size: tuple[int, ...] | None = None, **changes
+) -> FeaturesRunConfig:
     return FeaturesRunConfig(
         data=DataConfig(labels=labels),
-        model=EncoderConfig(block_out_channels=(8, 16), norm_num_groups=4, num_features=16),
+        model=EncoderConfig(
+            block_out_channels=(8, 16), norm_num_groups=4, num_features=16, image_size=image_size
+        ),
         train=TrainConfig(
             max_steps=max_steps,
             batch_size=4,
@@ -190,7 +194,7 @@ def test_train_2d_with_classes_writes_a_loadable_encoder_and_resumes(crops_2d, t
     assert (run / "checkpoints" / "step_000002").is_dir()
     assert (run / "logs" / "metrics.jsonl").is_file()
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["image_size"] == [16, 16] and saved["model"]["num_features"] == 16
+    assert saved["model"]["image_size"] == [16, 16] and saved["model"]["num_features"] == 16
     assert "classes: fundus, histology" in "\n".join(logs)
     assert {"encoder/nt_xent", "encoder/cross_entropy"} <= _tags(result.history)
     assert {"encoder/nt_xent", "encoder/cross_entropy"} <= _jsonl_tags(run)
@@ -247,7 +251,7 @@ def test_dry_run_writes_nothing(crops_2d, tmp_path):
     text = "\n".join(logs)
     assert "2D at (24, 24)" in text and "20 items" in text
     resolved = yaml.safe_load(text.split("# data:")[0])
-    assert resolved["image_size"] == [24, 24] and resolved["model"]["block_out_channels"] == [8, 16]
+    assert resolved["model"]["image_size"] == [24, 24] and resolved["model"]["block_out_channels"] == [8, 16]
 
 
 def test_image_size_must_fit_the_data(crops_2d, tmp_path):
@@ -332,7 +336,7 @@ def test_cli_features_train_dry_run_and_errors(crops_2d, tmp_path, capsys):
 def test_every_encoder_config_field_reaches_the_encoder():
     """The encoder config's fields all reach the DomainEncoder (a typo would fail here)."""
     names = set(EncoderConfig().to_dict())
-    encoder = DomainEncoder(spatial_dims=2, image_size=(16, 16), **_config().model.to_dict())
+    encoder = _config().model.build(spatial_dims=2, in_channels=1, image_size=(16, 16))
     assert names <= set(encoder.config)
 
 

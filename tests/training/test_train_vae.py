@@ -96,7 +96,7 @@ def test_train_vae_3d_volumes(crops_3d, tmp_path):
     [
         (["--set", "train.max_steps"], "--set expects KEY=VALUE"),
         (["--set", "train.nonsense=1"], "unknown key(s) ['nonsense']"),
-        (["--set", "model.spatial_dims=3"], "model.spatial_dims is 3 but the training data has 2"),
+        (["--set", "model.spatial_dims=3"], "model.spatial_dims is 3 but the data give 2"),
         (["--set", "model.block_out_channels=[4, 8, 8, 8, 8, 8]"], "1 to 5 positive widths"),
         (["--set", "data.crop=[12, 12]", "--set", "model.block_out_channels=[4, 8, 8, 8]"], "multiples of 8"),
         (["--set", "train.batch_size=64"], "fewer than one global batch"),

@@ -1,7 +1,16 @@
 """Sampling from a trained model: the model folder, samplers over diffusers schedulers, the
-sampling loop, ``MedfusionPipeline`` and the synthetic dataset folder (``medfusion sample``)."""
+sampling loop, ``MedfusionPipeline``, the generator interface with its registry of model-folder
+kinds, and the synthetic dataset folder (``medfusion sample``)."""
 
+from medfusion.samplers.diffusion_generator import DiffusionGenerator, DiffusionSettings
+from medfusion.samplers.generator import (
+    ImageGenerator,
+    generator_kinds,
+    load_generator,
+    register_generator_kind,
+)
 from medfusion.samplers.model_folder import (
+    DIFFUSION,
     INFO_FILE,
     MODEL_INDEX,
     ModelFolder,
@@ -9,6 +18,8 @@ from medfusion.samplers.model_folder import (
     ModelInfo,
     load_model_folder,
     model_hash,
+    read_model_info,
+    read_model_kind,
     save_model_folder,
 )
 from medfusion.samplers.pipeline import MedfusionPipeline, decode_in_slabs
@@ -27,18 +38,23 @@ from medfusion.samplers.synthetic import (
     SampleResult,
     SampleSettings,
     plan_samples,
+    write_generated_dataset,
     write_synthetic_dataset,
 )
 
 __all__ = [
     "CARD",
     "DEFAULT_STEPS",
+    "DIFFUSION",
     "INFO_FILE",
     "KARRAS_SAMPLERS",
     "MANIFEST",
     "MODEL_INDEX",
     "SAMPLERS",
     "DDIMSampler",
+    "DiffusionGenerator",
+    "DiffusionSettings",
+    "ImageGenerator",
     "MedfusionPipeline",
     "ModelFolder",
     "ModelFolderError",
@@ -47,13 +63,19 @@ __all__ = [
     "SampleSettings",
     "SamplerConfig",
     "decode_in_slabs",
+    "generator_kinds",
     "initial_noise",
+    "load_generator",
     "load_model_folder",
     "make_scheduler",
     "model_hash",
     "plan_samples",
+    "read_model_info",
+    "read_model_kind",
+    "register_generator_kind",
     "rescale_guidance",
     "sample_latents",
     "save_model_folder",
+    "write_generated_dataset",
     "write_synthetic_dataset",
 ]

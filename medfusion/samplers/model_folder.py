@@ -7,7 +7,12 @@
       vae/config.json, *.safetensors
       unet/config.json, *.safetensors
       scheduler/scheduler_config.json  the noise schedule, a diffusers scheduler config
-      medfusion.json                 image size, channels, intensity normalisation, class names ...
+      medfusion.json                 image size, channels, intensity normalisation, class names, kind ...
+
+``medfusion.json`` names the folder's ``kind``: ``diffusion`` (this layout; the default when the key
+is absent, as in folders written before kinds existed) or another kind of generator (a GAN
+baseline), whose folder is read by the loader registered in code for that kind
+(:func:`medfusion.samplers.load_generator`); a folder never names the code that reads it.
 
 Loading executes no code from the folder: JSON configs and safetensors weights only. A model folder
 is shared, so it is untrusted input: every JSON file is checked against its schema (unknown keys,
@@ -23,6 +28,7 @@ import inspect
 import json
 import math
 import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +53,8 @@ from medfusion.utils import atomic_dir, atomic_write_text
 MODEL_INDEX = "model_index.json"
 INFO_FILE = "medfusion.json"
 FORMAT_VERSION = 1
+DIFFUSION = "diffusion"  # the kind of the folders this module writes and reads
+_KIND_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 # the only classes a model folder may name: loading never imports a module named in a file
 _COMPONENTS = {
     "vae": ("medfusion.autoencoders", "VAE"),
@@ -104,6 +112,10 @@ class ModelInfo(Config):
         source_dtype: dtype of the training files (``uint8``, ``uint16``, ``int16`` ...), so that
             samples can be written like the training data.
         spacing: voxel size (physical order) of the training data, for writing volumes.
+        kind: what generates the images: ``diffusion`` (the U-Net, VAE and schedule of this
+            folder layout) or another kind registered in code
+            (:func:`medfusion.samplers.register_generator_kind`); other kinds may leave
+            ``latent_shape`` empty.
         version: medfusion version that wrote the folder.
         format: version of this folder layout.
 
@@ -121,6 +133,7 @@ class ModelInfo(Config):
     normalization: dict[str, Any] = field(default_factory=dict)
     source_dtype: str = "uint8"
     spacing: tuple[float, ...] | None = None
+    kind: str = DIFFUSION
     version: str = __version__
     format: int = FORMAT_VERSION
 
@@ -129,7 +142,9 @@ class ModelInfo(Config):
         if not _is_int(self.spatial_dims) or self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3; got {self.spatial_dims!r}")
         _check_sizes("image_size", self.image_size, self.spatial_dims)
-        _check_sizes("latent_shape", self.latent_shape, self.spatial_dims + 1)
+        check_kind_name(self.kind, "kind")
+        if self.kind == DIFFUSION or self.latent_shape:
+            _check_sizes("latent_shape", self.latent_shape, self.spatial_dims + 1)
         if not _is_int(self.channels) or self.channels < 1:
             raise ValueError(f"channels must be an integer >= 1; got {self.channels!r}")
         object.__setattr__(self, "class_names", check_class_names(self.class_names, source="class_names"))
@@ -145,6 +160,18 @@ class ModelInfo(Config):
             )
         if not isinstance(self.version, str):
             raise ValueError(f"version must be a string; got {self.version!r}")
+
+
+def check_kind_name(kind: Any, name: str) -> str:
+    """Return ``kind`` when it is a valid generator kind name (lower-case letters, digits, ``-``
+    and ``_``, starting with a letter, at most 64 characters); raise ``ValueError`` naming the
+    argument or key ``name`` otherwise."""
+    if not isinstance(kind, str) or not _KIND_PATTERN.fullmatch(kind):
+        raise ValueError(
+            f"{name} must be a generator kind name (lower-case letters, digits, '-' and '_', starting "
+            f"with a letter, e.g. {DIFFUSION!r}); got {kind!r}"
+        )
+    return kind
 
 
 def _is_int(value: Any) -> bool:
@@ -274,6 +301,8 @@ def _read_json(path: Path) -> dict:
 
 def _check_parts(unet: UNet, vae: VAE, info: ModelInfo, where: Path) -> None:
     problems = []
+    if info.kind != DIFFUSION:
+        problems.append(f"{INFO_FILE} says kind {info.kind!r}; a U-Net and VAE folder is {DIFFUSION!r}")
     if unet.config.in_channels != vae.config.latent_channels:
         problems.append(
             f"the U-Net takes {unet.config.in_channels} latent channel(s) but the VAE makes "
@@ -346,11 +375,18 @@ def load_model_folder(
     Raises:
         ModelFolderError: a part is missing or unreadable, a file holds an unknown key, a value of
             the wrong type or out of range (the message names the file and the key), names a class
-            other than the allowed ones, or the parts do not fit together.
+            other than the allowed ones, the folder is of another kind than ``diffusion``, or the
+            parts do not fit together.
     """
     path = Path(path)
     if not path.is_dir():
         raise ModelFolderError(f"{path}: not a folder (expected a medfusion model folder)")
+    kind = read_model_kind(path)
+    if kind != DIFFUSION:
+        raise ModelFolderError(
+            f"{path / INFO_FILE}: kind {kind!r}: not a {DIFFUSION} model folder; read it with "
+            "medfusion.samplers.load_generator"
+        )
     _check_index(path / MODEL_INDEX)
     info = _read_info(path / INFO_FILE)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
@@ -365,6 +401,44 @@ def load_model_folder(
         nn.Module.to(unet, device=device, dtype=dtype)  # ModelMixin.to warns on every dtype cast
         nn.Module.to(vae, device=device, dtype=dtype)
     return ModelFolder(unet, vae, scheduler, info, path)
+
+
+def read_model_kind(path: str | Path) -> str:
+    """The ``kind`` that a model folder's ``medfusion.json`` names (``diffusion`` when it names
+    none), read before anything else of the folder.
+
+    Args:
+        path: the model folder.
+    Returns:
+        the kind name (not yet checked against the registered kinds).
+    Raises:
+        ModelFolderError: ``path`` is no folder, ``medfusion.json`` is missing or not a JSON
+            object, or its ``kind`` is not a kind name (the message names the file).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"{path}: not a folder (expected a medfusion model folder)")
+    file = path / INFO_FILE
+    kind = _read_json(file).get("kind", DIFFUSION)
+    try:
+        return check_kind_name(kind, "kind")
+    except ValueError as e:
+        raise ModelFolderError(f"{file}: {e}") from e
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    """A model folder's ``medfusion.json``, checked against its schema (for the loaders of every
+    kind).
+
+    Args:
+        path: the model folder.
+    Returns:
+        its :class:`ModelInfo`.
+    Raises:
+        ModelFolderError: the file is missing, not JSON, or holds an unknown key, a value of the
+            wrong type or out of range (the message names the file and the key).
+    """
+    return _read_info(Path(path) / INFO_FILE)
 
 
 def _check_index(file: Path) -> None:

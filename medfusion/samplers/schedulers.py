@@ -18,8 +18,10 @@ unipc       UniPC multistep, bh2 (Zhao et al. 2023)                     1
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,6 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from medfusion.config import Config
 
@@ -43,7 +44,10 @@ class DDIMSampler(DDIMScheduler):
     diffusers' ``DDIMScheduler.step`` takes ``t - T // steps`` as the previous timestep. With the
     ``trailing`` spacing of our schedules and a step count that does not divide ``T`` (150 steps
     of 1000: gaps of 6 and 7) that is not the next timestep the loop runs, so every other step
-    lands on the wrong noise level. This step uses the next entry of ``self.timesteps``.
+    lands on the wrong noise level. :meth:`step` runs diffusers' own step (its arithmetic, its
+    clipping and thresholding, its noise) with the cumulative α it reads for the previous
+    timestep replaced, for that one call, by the α of the next entry of ``self.timesteps``.
+    ``tests/samplers/test_ddim_upstream.py`` pins the upstream source this relies on.
 
     ``eta`` (0: deterministic DDIM, 1: DDPM-like noise) is a setting of the sampler, not of the
     noise schedule, so it is an attribute set by :func:`make_scheduler` and kept out of the config.
@@ -54,6 +58,25 @@ class DDIMSampler(DDIMScheduler):
     def _previous(self, timestep: torch.Tensor | int) -> int:
         index = int((self.timesteps == int(timestep)).nonzero()[0, 0])
         return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+
+    @contextlib.contextmanager
+    def _true_previous_alpha(self, timestep: torch.Tensor | int) -> Iterator[None]:
+        """For the duration of one upstream step: the α_{t-1} diffusers reads at its previous
+        timestep ``t - T // steps`` (``alphas_cumprod[t - T // steps]``, or ``final_alpha_cumprod``
+        below 0) is the α of the true previous timestep; both are restored afterwards."""
+        theirs = int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
+        ours = self._previous(timestep)
+        alpha_prev = self.alphas_cumprod[ours] if ours >= 0 else self.final_alpha_cumprod
+        saved = self.alphas_cumprod, self.final_alpha_cumprod
+        if theirs >= 0:
+            self.alphas_cumprod = self.alphas_cumprod.clone()
+            self.alphas_cumprod[theirs] = alpha_prev
+        else:
+            self.final_alpha_cumprod = alpha_prev
+        try:
+            yield
+        finally:
+            self.alphas_cumprod, self.final_alpha_cumprod = saved
 
     def step(
         self,
@@ -66,60 +89,27 @@ class DDIMSampler(DDIMScheduler):
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple:
-        """One DDIM update, eqs. (12) and (16) of Song et al. 2021.
-
-        ======================== ==================
-        code                     paper
-        ======================== ==================
-        ``sample``               x_t
-        ``alpha_t, alpha_prev``  α_t, α_{t-1} (cumulative products)
-        ``x0``                   f_θ(x_t, t), the predicted x_0
-        ``eps``                  ε_θ(x_t, t)
-        ``sigma``                σ_t(η)
-        ======================== ==================
+        """One DDIM update, eqs. (12) and (16) of Song et al. 2021: ``DDIMScheduler.step`` from
+        the true previous timestep.
 
         The arguments are those of ``DDIMScheduler.step``; ``eta=None`` takes ``self.eta``.
         """
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
-        t, t_prev = int(timestep), self._previous(timestep)
-        alpha_t = float(self.alphas_cumprod[t])
-        alpha_prev = float(self.alphas_cumprod[t_prev]) if t_prev >= 0 else float(self.final_alpha_cumprod)
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            eps = model_output
-            x0 = (sample - math.sqrt(1 - alpha_t) * eps) / math.sqrt(alpha_t)
-        elif prediction_type == "v_prediction":
-            x0 = math.sqrt(alpha_t) * sample - math.sqrt(1 - alpha_t) * model_output
-            eps = math.sqrt(alpha_t) * model_output + math.sqrt(1 - alpha_t) * sample
-        elif prediction_type == "sample":
-            x0 = model_output
-            eps = (sample - math.sqrt(alpha_t) * x0) / math.sqrt(1 - alpha_t)
-        else:
-            raise ValueError(
-                f"prediction_type must be epsilon, v_prediction or sample; got {prediction_type!r}"
-            )
-        if self.config.thresholding:
-            x0 = self._threshold_sample(x0)
-        elif self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        if use_clipped_model_output:
-            eps = (sample - math.sqrt(alpha_t) * x0) / math.sqrt(1 - alpha_t)
         eta = float(self.eta if eta is None else eta)
-        variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-        sigma = eta * math.sqrt(max(variance, 0.0))
-        prev_sample = math.sqrt(alpha_prev) * x0 + math.sqrt(max(1 - alpha_prev - sigma**2, 0.0)) * eps
-        if sigma > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError("give either generator or variance_noise, not both")
-            if variance_noise is None:
-                variance_noise = randn_tensor(
-                    model_output.shape, generator=generator, device=sample.device, dtype=sample.dtype
-                )
-            prev_sample = prev_sample + sigma * variance_noise
-        if not return_dict:
-            return prev_sample, x0
-        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+        if eta > 0 and variance_noise is not None and generator is not None:
+            raise ValueError("give either generator or variance_noise, not both")
+        with self._true_previous_alpha(timestep):
+            return super().step(
+                model_output,
+                int(timestep),  # an index into the schedule on the CPU, whatever the device
+                sample,
+                eta=eta,
+                use_clipped_model_output=use_clipped_model_output,
+                generator=generator,
+                variance_noise=variance_noise,
+                return_dict=return_dict,
+            )
 
 
 # name -> (scheduler class, settings over the model's schedule)
@@ -153,8 +143,8 @@ def sampler_name(name: str) -> str:
 
 
 def _check_options(name: str, eta: float, karras_sigmas: bool) -> None:
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be >= 0; got {eta}")
+    if not (math.isfinite(eta) and 0 <= eta <= 1):  # above 1 the DDIM step has no real solution
+        raise ValueError(f"eta must be >= 0 and <= 1 (0: deterministic DDIM, 1: DDPM-like); got {eta}")
     if eta and name != "ddim":
         raise ValueError(f"eta applies to the ddim sampler only; got eta={eta} with {name}")
     if karras_sigmas and name not in KARRAS_SAMPLERS:
@@ -167,7 +157,7 @@ def make_scheduler(name: str, schedule: dict, eta: float = 0.0, karras_sigmas: b
     Args:
         name: one of :data:`SAMPLERS` (or an alias such as ``dpm-solver++``).
         schedule: the model's scheduler config (betas, prediction type, timestep spacing ...).
-        eta: DDIM's noise weight; only the ``ddim`` sampler takes it.
+        eta: DDIM's noise weight in [0, 1]; only the ``ddim`` sampler takes it.
         karras_sigmas: step through the noise levels of Karras et al. 2022 (ρ = 7) instead of
             the schedule's timestep spacing (``dpmpp-2m``, ``euler``, ``heun``, ``unipc``).
     Returns:
@@ -197,7 +187,7 @@ class SamplerConfig(Config):
             0 = unconditional).
         guidance_rescale: φ of Lin et al. 2023 in [0, 1]: pull the guided prediction's standard
             deviation back to the conditional one's (0 = off).
-        eta: DDIM's noise weight (``ddim`` only).
+        eta: DDIM's noise weight in [0, 1] (``ddim`` only).
         karras_sigmas: the noise levels of Karras et al. 2022 (``dpmpp-2m``, ``euler``, ``heun``,
             ``unipc``): "DPM++ 2M Karras" is ``dpmpp-2m`` with this on.
     """

@@ -1,11 +1,16 @@
-"""Write a synthetic dataset folder (see DESIGN.md) from a model folder: ``medfusion sample``.
+"""Write a synthetic dataset folder (see DESIGN.md) from any generator: ``medfusion sample``.
 
 ::
 
     OUT/
       <class>/<index>.png | .tif | .nii.gz   one file per sample (unconditional samples: OUT/<index>.*)
-      manifest.csv                           file, label, seed, sampler, steps, guidance, ...
-      dataset_card.json                      the model and its hash, the settings, the counts
+      manifest.csv                           file, label, seed, then the generator's columns
+                                             (diffusion: sampler, steps, guidance, ...)
+      dataset_card.json                      the model, its kind and hash, the settings, the counts
+
+:func:`write_generated_dataset` writes the folder from an
+:class:`~medfusion.samplers.generator.ImageGenerator` (a diffusion model, a GAN baseline, ...);
+:func:`write_synthetic_dataset` is the same from a diffusion model folder.
 
 Sample ``i`` (0-based over the whole dataset) has class ``classes[i % len(classes)]`` and seed
 ``seed + i``, so a sample is reproducible from (model, seed, settings), and asking for more
@@ -23,48 +28,54 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from medfusion import __version__
-from medfusion.config import Config
 from medfusion.data.image import MedicalImage
 from medfusion.data.writers import intensity_mapping, write_image, written_file_problem
 from medfusion.runlock import run_lock
-from medfusion.samplers.model_folder import ModelFolder, load_model_folder, model_hash
-from medfusion.samplers.pipeline import PRECISIONS, UNCONDITIONAL, MedfusionPipeline
-from medfusion.samplers.schedulers import SamplerConfig, make_scheduler
+from medfusion.samplers.diffusion_generator import DiffusionGenerator
+from medfusion.samplers.generator import ImageGenerator
+from medfusion.samplers.model_folder import DIFFUSION, ModelInfo, load_model_folder
+from medfusion.samplers.pipeline import UNCONDITIONAL
+from medfusion.samplers.schedulers import SamplerConfig
 from medfusion.utils import MAX_SEED, atomic_write_text, inside, process_state
 
 MANIFEST = "manifest.csv"
 CARD = "dataset_card.json"
-MANIFEST_COLUMNS = ("file", "label", "seed", "sampler", "steps", "guidance", "guidance_rescale", "eta")
+SAMPLE_COLUMNS = ("file", "label", "seed")  # the generator's own columns follow
+# the columns of a diffusion model's manifest
+MANIFEST_COLUMNS = (*SAMPLE_COLUMNS, "sampler", "steps", "guidance", "guidance_rescale", "eta")
 CARD_FORMAT = 1
 ALL_CLASSES = "all"
+_WRITER_SETTINGS = ("classes", "seed")  # the card's settings that the writer decides
 
 
 @dataclass(frozen=True)
-class SampleSettings(Config):
+class SampleSettings:
     """What decides the samples of a synthetic dataset folder (with the model and ``n``).
 
     Attributes:
         classes: the class names sampled, in order; ``("none",)`` for unconditional samples.
         seed: sample ``i`` has seed ``seed + i``.
-        sampler: sampler, steps, guidance.
-        precision: ``fp32`` or ``bf16``.
-        decode_slab: volumes decoded this many latent planes at a time (changes the decoded
-            values slightly); None: at once.
+        generator: the generator's own settings (:meth:`ImageGenerator.settings`), e.g. the
+            sampler, precision and decode slab of a diffusion model.
     """
 
     classes: tuple[str, ...] = ()
     seed: int = 0
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    precision: str = "fp32"
-    decode_slab: int | None = None
+    generator: Mapping[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card's ``settings``: ``classes``, ``seed`` and the generator's settings beside them."""
+        return {"classes": list(self.classes), "seed": self.seed, **(self.generator or {})}
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,7 @@ class PlannedSample:
 
 @dataclass(frozen=True)
 class SampleResult:
-    """What a ``write_synthetic_dataset`` call did."""
+    """What a ``write_synthetic_dataset`` / ``write_generated_dataset`` call did."""
 
     path: Path
     total: int  # samples in the dataset
@@ -86,40 +97,52 @@ class SampleResult:
     seconds: float
 
 
-def resolve_classes(model: ModelFolder, class_labels: str | Sequence[str] | None) -> tuple[str, ...]:
+def resolve_classes(info: ModelInfo, class_labels: str | Sequence[str] | None) -> tuple[str, ...]:
     """The class names to sample: ``all`` (the default for a conditional model), names, or
-    ``none`` (unconditional; the only choice for an unconditional model)."""
-    names = tuple(model.info.class_names)
+    ``none`` (unconditional; the only choice for an unconditional model).
+
+    Args:
+        info: the model's description (its ``class_names``).
+        class_labels: ``all``, ``none``, a class name, or a sequence of them.
+    Returns:
+        the class names in the order given (``("none",)`` for unconditional samples).
+    Raises:
+        ValueError: naming ``class_labels``: an unknown class, a class on an unconditional
+            model, a class named twice, or ``none`` mixed with classes.
+    """
+    names = tuple(info.class_names)
     if class_labels is None:
         class_labels = ALL_CLASSES if names else UNCONDITIONAL
     if isinstance(class_labels, str):
         class_labels = [class_labels]
     chosen: list[str] = []
     for label in class_labels:
-        if label == ALL_CLASSES:
-            if not names:
-                raise ValueError("--class-label all: the model is unconditional (no classes); use none")
+        if label == ALL_CLASSES and names:
             chosen.extend(names)
         elif label == UNCONDITIONAL or label in names:
             chosen.append(label)
         elif not names:
-            raise ValueError(f"--class-label {label!r}: the model is unconditional (no classes); use none")
+            raise ValueError(
+                f"class_labels {label!r}: the model is unconditional (no classes); use {UNCONDITIONAL!r}"
+            )
         else:
             raise ValueError(
-                f"--class-label {label!r}: unknown class; the model's classes are: {', '.join(names)}"
+                f"class_labels {label!r}: unknown class; the model's classes are: {', '.join(names)}"
             )
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"--class-label: a class is named twice in {list(class_labels)}")
+        raise ValueError(f"class_labels: a class is named twice in {list(class_labels)}")
     if UNCONDITIONAL in chosen and len(chosen) > 1:
-        raise ValueError("--class-label none (unconditional) cannot be mixed with classes in one folder")
+        raise ValueError(
+            f"class_labels: {UNCONDITIONAL!r} (unconditional) cannot be mixed with classes in one folder"
+        )
     return tuple(chosen)
 
 
-def output_suffix(model: ModelFolder) -> str:
+def output_suffix(info: ModelInfo) -> str:
     """``.nii.gz`` for volumes, ``.png`` for 1/3/4-channel images, ``.tif`` for other channel counts."""
-    if model.info.spatial_dims == 3:
+    if info.spatial_dims == 3:
         return ".nii.gz"
-    return ".png" if model.info.channels in (1, 3, 4) else ".tif"
+    return ".png" if info.channels in (1, 3, 4) else ".tif"
 
 
 def plan_samples(classes: Sequence[str], n: int, seed: int, suffix: str) -> list[PlannedSample]:
@@ -148,20 +171,39 @@ def _read_card(out: Path) -> dict | None:
         raise ValueError(
             f"{path}: not valid JSON ({e}); is this a medfusion synthetic dataset folder?"
         ) from e
-    if not isinstance(card, dict) or "settings" not in card or "model" not in card:
+    if (
+        not isinstance(card, dict)
+        or not isinstance(card.get("settings"), dict)
+        or not isinstance(card.get("model"), dict)
+    ):
         raise ValueError(f"{path}: not a medfusion dataset card (no model/settings)")
     return card
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_request(out: Path, n: Any, seed: Any, batch_size: Any) -> None:
+    """The writer's own arguments, before any model is loaded."""
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"n must be an integer >= 1; got {n!r}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in 0..{MAX_SEED}; got {seed!r}")
+    _check_out_path(out)
+
+
 def _check_out_path(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+        raise ValueError(f"out {out}: exists and is not a folder")
     for parent in out.parents:  # the first existing ancestor must be a writable folder
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} is not a folder")
+                raise ValueError(f"out {out}: {parent} is not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"--out {out}: cannot create folders in {parent} (permission denied)")
+                raise ValueError(f"out {out}: cannot create folders in {parent} (permission denied)")
             break
 
 
@@ -175,38 +217,52 @@ def _flat(settings: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _check_existing(out: Path, card: dict | None, digest: str, settings: SampleSettings, n: int) -> None:
+def _check_existing(
+    out: Path, card: dict | None, kind: str, digest: str, settings: SampleSettings, n: int
+) -> None:
     """Refuse an output folder that holds something else than (a part of) this dataset (``out``
     itself was checked by :func:`_check_out_path`)."""
     if card is None:
         if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
             raise ValueError(
-                f"--out {out}: the folder is not empty and holds no {CARD}; choose a new or empty folder"
+                f"out {out}: the folder is not empty and holds no {CARD}; choose a new or empty folder"
             )
         return
+    their_kind = str(card["model"].get("kind", DIFFUSION))  # cards before kinds: diffusion
+    if their_kind != kind:
+        raise ValueError(
+            f"out {out}: holds samples of a {their_kind} model, this is a {kind} model; choose another folder"
+        )
     their = str(card["model"].get("sha256"))
     if their != digest:
         raise ValueError(
-            f"--out {out}: holds samples of a different model (sha256 {their[:12]}..., this model "
+            f"out {out}: holds samples of a different model (sha256 {their[:12]}..., this model "
             f"{digest[:12]}...); choose another folder"
         )
-    before, now = _flat(card["settings"]), _flat(settings.to_dict())
-    changed = [f"{key} {before.get(key)!r} -> {now[key]!r}" for key in now if before.get(key) != now[key]]
+    _check_same_settings(out, card["settings"], settings.to_dict())
+    if int(card.get("n_per_class", 0)) > n:
+        planned = card["n_per_class"]
+        raise ValueError(
+            f"out {out}: already planned for n={planned} per class; give n >= {planned} (more "
+            "samples are added) or choose another folder"
+        )
+
+
+def _check_same_settings(out: Path, before: dict, now: dict) -> None:
+    before, now = _flat(before), _flat(now)
+    keys = [*now, *(key for key in before if key not in now)]
+    changed = [
+        f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in keys if before.get(key) != now.get(key)
+    ]
     if changed:
         raise ValueError(
-            f"--out {out}: holds samples made with other settings ({'; '.join(changed)}); rerun with "
+            f"out {out}: holds samples made with other settings ({'; '.join(changed)}); rerun with "
             "the same settings to resume, or choose another folder"
-        )
-    if int(card.get("n_per_class", 0)) > n:
-        raise ValueError(
-            f"--out {out}: already planned for --n {card['n_per_class']} per class; give --n >= "
-            f"{card['n_per_class']} (more samples are added) or choose another folder"
         )
 
 
 def _card(
-    model: ModelFolder,
-    model_path: Path,
+    generator: ImageGenerator,
     digest: str,
     settings: SampleSettings,
     n: int,
@@ -214,14 +270,15 @@ def _card(
     complete: bool,
     created: str,
 ) -> dict:
-    info = model.info
+    info = generator.info
     mapping = intensity_mapping(suffix, info.source_dtype, info.normalization)
     return {
         "format": CARD_FORMAT,
-        "description": "synthetic images generated by a latent diffusion model (medfusion); no patient data",
+        "description": f"synthetic images generated by {generator.title} (medfusion); no patient data",
         "medfusion_version": __version__,
         "model": {
-            "path": str(model_path.resolve()),
+            "path": str(generator.path.resolve()) if generator.path is not None else None,
+            "kind": generator.kind,
             "sha256": digest,
             "spatial_dims": info.spatial_dims,
             "image_size": list(info.image_size),
@@ -245,23 +302,12 @@ def _card(
     }
 
 
-def _manifest(plan: Sequence[PlannedSample], sampler: SamplerConfig) -> str:
+def _manifest(plan: Sequence[PlannedSample], fields: Mapping[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerow([*SAMPLE_COLUMNS, *fields])
     for sample in plan:
-        writer.writerow(
-            [
-                sample.file,
-                sample.label,
-                sample.seed,
-                sampler.name,
-                sampler.steps,
-                sampler.guidance_scale,
-                sampler.guidance_rescale,
-                sampler.eta,
-            ]
-        )
+        writer.writerow([sample.file, sample.label, sample.seed, *fields.values()])
     return buffer.getvalue()
 
 
@@ -270,18 +316,6 @@ def _remove_stale_temporaries(out: Path) -> None:
     for tmp in out.rglob(".*.tmp*"):
         if tmp.is_file():
             tmp.unlink(missing_ok=True)
-
-
-def _check_steps(model: ModelFolder, sampler: SamplerConfig) -> None:
-    """The sampler's steps fit the model's noise schedule (before anything is written)."""
-    scheduler = make_scheduler(sampler.name, model.scheduler_config, sampler.eta, sampler.karras_sigmas)
-    try:
-        scheduler.set_timesteps(sampler.steps)
-    except ValueError as e:
-        total = model.scheduler_config.get("num_train_timesteps")
-        raise ValueError(
-            f"steps={sampler.steps} does not fit the model's noise schedule of {total} timesteps: {e}"
-        ) from e
 
 
 def _remove_broken(out: Path, files: Sequence[Path], shape: tuple[int, ...], dtype: str, log) -> None:
@@ -318,7 +352,8 @@ def write_synthetic_dataset(
     callback: Callable[[int, int], None] | None = None,
     dry_run: bool = False,
 ) -> SampleResult:
-    """Sample ``n`` images/volumes per class from the model folder into the dataset folder ``out``.
+    """Sample ``n`` images/volumes per class from a diffusion model folder into the dataset folder
+    ``out``: :func:`write_generated_dataset` with a :class:`DiffusionGenerator`.
 
     Everything is checked before sampling starts: the model folder, the classes, the settings, and
     that ``out`` is new, empty, or this same dataset (then it resumes).
@@ -344,123 +379,217 @@ def write_synthetic_dataset(
         dry_run: check everything, print the plan, write nothing.
     Returns:
         what was written.
+    Raises:
+        ValueError: naming the argument (``n``, ``out``, ``class_labels``, ...) that is wrong;
+            :class:`~medfusion.samplers.ModelFolderError` for a broken model folder.
+    """
+    out = Path(out)
+    _check_request(out, n, seed, batch_size)
+    DiffusionGenerator.check_options(precision=precision, slab=slab, compile_mode=compile_mode)
+    generator = DiffusionGenerator(
+        load_model_folder(model_path),
+        sampler=sampler,
+        precision=precision,
+        slab=slab,
+        device=device,
+        channels_last=channels_last,
+        compile_mode=compile_mode,
+    )
+    return write_generated_dataset(
+        generator,
+        out,
+        n,
+        class_labels=class_labels,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        log=log,
+        callback=callback,
+        dry_run=dry_run,
+    )
+
+
+def write_generated_dataset(
+    generator: ImageGenerator,
+    out: str | Path,
+    n: int,
+    class_labels: str | Sequence[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    callback: Callable[[int, int], None] | None = None,
+    dry_run: bool = False,
+) -> SampleResult:
+    """Write ``n`` samples per class of ``generator`` into the dataset folder ``out``.
+
+    Everything is checked before anything is written: the arguments, the classes, and that ``out``
+    is new, empty, or this same dataset (the same kind of generator, model and settings; then it
+    resumes and only missing or damaged files are written). Under several processes each process
+    passes its own generator (on its own device) and the batches are dealt out among them.
+
+    Args:
+        generator: what makes the images (e.g. :class:`DiffusionGenerator`, or one from
+            :func:`medfusion.samplers.load_generator`).
+        out: the synthetic dataset folder.
+        n: samples per class (>= 1).
+        class_labels: ``all``, ``none`` (unconditional) or class names; default ``all`` for a
+            conditional model.
+        seed: sample ``i`` gets seed ``seed + i``.
+        batch_size: samples per batch and process.
+        progress: progress bar (samples of the main process, with images/s).
+        log: where messages go.
+        callback: called with ``(samples done by this process, its total)`` after every batch.
+        dry_run: check everything, print the plan, write nothing.
+    Returns:
+        what was written.
+    Raises:
+        ValueError: naming the argument (``n``, ``out``, ``class_labels``, ``seed``,
+            ``batch_size``) that is wrong, or the folder's conflict with this dataset.
     """
     start_time = time.perf_counter()
-    model_path, out = Path(model_path), Path(out)
-    sampler = sampler or SamplerConfig()
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"--n must be an integer >= 1; got {n!r}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if slab is not None and slab < 1:
-        raise ValueError(f"--decode-slab must be >= 1; got {slab}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in 0..{MAX_SEED}; got {seed!r}")
-    _check_out_path(out)
-    model = load_model_folder(model_path)
-    settings = SampleSettings(resolve_classes(model, class_labels), int(seed), sampler, precision, slab)
+    out = Path(out)
+    _check_request(out, n, seed, batch_size)
+    settings = SampleSettings(resolve_classes(generator.info, class_labels), int(seed), generator.settings())
+    _check_generator_keys(generator, settings)
     if settings.seed + n * len(settings.classes) - 1 > MAX_SEED:
         raise ValueError(
             f"seed {seed} + {n * len(settings.classes)} samples passes the largest seed {MAX_SEED}; "
             "choose a smaller seed"
         )
-    _check_steps(model, sampler)
-    digest = model_hash(model_path)
+    digest = generator.sha256()
     card = _read_card(out) if out.is_dir() else None
-    _check_existing(out, card, digest, settings, n)
-    suffix = output_suffix(model)
-    mapping = intensity_mapping(suffix, model.info.source_dtype, model.info.normalization)
-    plan = plan_samples(settings.classes, n, settings.seed, suffix)
-    targets = {s.file: inside(out, s.file) for s in plan}  # no name leads outside ``out``
-
+    _check_existing(out, card, generator.kind, digest, settings, n)
+    dataset = _Dataset(generator, out, n, settings, digest, card["created"] if card else _now())
     state = process_state()
     if state.is_main_process:
-        present = sum(target.is_file() for target in targets.values())
-        log(
-            f"# medfusion sample: {len(plan)} samples ({n} per class of {', '.join(settings.classes)}) into "
-            f"{out}, {present} already there\n# sampler {sampler.name}, {sampler.steps} steps, guidance "
-            f"{sampler.guidance_scale} (rescale {sampler.guidance_rescale}), seeds {settings.seed}.."
-            f"{settings.seed + len(plan) - 1}, {precision}, {state.num_processes} process(es)\n"
-            f"# files {suffix}: {mapping.describe()}"
-        )
+        log(dataset.announce(state.num_processes))
     if dry_run:
-        return SampleResult(out, len(plan), 0, 0, time.perf_counter() - start_time)
+        return SampleResult(out, len(dataset.plan), 0, 0, time.perf_counter() - start_time)
     with run_lock(out, "medfusion sample"):  # one run per folder; the processes of one launch share it
-        created = card["created"] if card else _now()
-        if state.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(out)
-            atomic_write_text(
-                out / CARD,
-                json.dumps(_card(model, model_path, digest, settings, n, suffix, False, created), indent=2)
-                + "\n",
-            )
-            shape = (model.info.channels, *model.info.image_size)
-            _remove_broken(out, [targets[s.file] for s in plan], shape, mapping.dtype, log)
-        state.wait_for_everyone()
-        kept = sum(targets[s.file].is_file() for s in plan)  # every process, before any writes
-        state.wait_for_everyone()
+        written, kept = dataset.write(state, batch_size, progress, log, callback)
+    return SampleResult(out, len(dataset.plan), written, kept, time.perf_counter() - start_time)
 
-        batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
+
+def _check_generator_keys(generator: ImageGenerator, settings: SampleSettings) -> None:
+    """The generator's settings and manifest columns do not take the writer's names."""
+    clash = sorted(set(settings.generator or {}) & set(_WRITER_SETTINGS))
+    if clash:
+        raise ValueError(f"{type(generator).__name__}.settings() must not hold {clash}: the writer's keys")
+    clash = sorted(set(generator.manifest_fields()) & set(SAMPLE_COLUMNS))
+    if clash:
+        raise ValueError(
+            f"{type(generator).__name__}.manifest_fields() must not hold {clash}: the writer's columns"
+        )
+
+
+class _Dataset:
+    """One dataset folder being written: its plan, its files and its card."""
+
+    def __init__(
+        self,
+        generator: ImageGenerator,
+        out: Path,
+        n: int,
+        settings: SampleSettings,
+        digest: str,
+        created: str,
+    ):
+        info = generator.info
+        self.generator, self.out, self.n, self.settings = generator, out, n, settings
+        self.digest, self.created = digest, created
+        self.suffix = output_suffix(info)
+        self.mapping = intensity_mapping(self.suffix, info.source_dtype, info.normalization)
+        self.shape = (info.channels, *info.image_size)
+        self.plan = plan_samples(settings.classes, n, settings.seed, self.suffix)
+        self.targets = {s.file: inside(out, s.file) for s in self.plan}  # no name leads outside ``out``
+
+    def announce(self, num_processes: int) -> str:
+        """The plan, for the log."""
+        present = sum(target.is_file() for target in self.targets.values())
+        classes, first = self.settings.classes, self.settings.seed
+        return (
+            f"# medfusion sample: {len(self.plan)} samples ({self.n} per class of {', '.join(classes)}) "
+            f"into {self.out}, {present} already there\n# {self.generator.description()}, seeds {first}.."
+            f"{first + len(self.plan) - 1}, {num_processes} process(es)\n"
+            f"# files {self.suffix}: {self.mapping.describe()}"
+        )
+
+    def write_card(self, complete: bool) -> None:
+        card = _card(self.generator, self.digest, self.settings, self.n, self.suffix, complete, self.created)
+        atomic_write_text(self.out / CARD, json.dumps(card, indent=2) + "\n")
+
+    def write(self, state, batch_size: int, progress: bool, log, callback) -> tuple[int, int]:
+        """Write the missing files (this process's share of the batches) and, on the main
+        process, the manifest and the complete card. Returns (written by all processes, kept)."""
+        if state.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(self.out)
+            self.write_card(complete=False)
+            _remove_broken(self.out, list(self.targets.values()), self.shape, self.mapping.dtype, log)
+        state.wait_for_everyone()
+        kept = sum(target.is_file() for target in self.targets.values())  # every process, before any writes
+        state.wait_for_everyone()
+        batches = [self.plan[i : i + batch_size] for i in range(0, len(self.plan), batch_size)]
         mine = [b for k, b in enumerate(batches) if k % state.num_processes == state.process_index]
-        todo = [b for b in mine if not all(targets[s.file].is_file() for s in b)]
+        written = _sum_over_processes(
+            state, self._write_batches(mine, progress and state.is_main_process, callback)
+        )
+        if state.is_main_process:
+            self._finish()
+        state.wait_for_everyone()
+        return written, kept
+
+    def _write_batches(self, mine: list[list[PlannedSample]], progress: bool, callback) -> int:
+        todo = [b for b in mine if not all(self.targets[s.file].is_file() for s in b)]
         my_total = sum(len(b) for b in mine)
         my_done = my_total - sum(len(b) for b in todo)
-        pipe = MedfusionPipeline(
-            model,
-            device=device or state.device,
-            precision=precision,
-            channels_last=channels_last,
-            compile_mode=compile_mode,
-        )
-        spacing = model.info.spacing
         written = 0
-        with tqdm(
-            total=my_total,
-            initial=my_done,
-            unit="img",
-            desc="sampling",
-            disable=not (progress and state.is_main_process),
-        ) as bar:
+        with tqdm(total=my_total, initial=my_done, unit="img", desc="sampling", disable=not progress) as bar:
             for batch in todo:
-                latents = pipe.sample_latents([s.label for s in batch], [s.seed for s in batch], sampler)
-                images = pipe.decode(latents, slab=slab).numpy()
-                for sample, image in zip(batch, images):
-                    target = targets[sample.file]
-                    if target.is_file():  # written by an earlier run: never twice
-                        continue
-                    array = mapping(image)
-                    write_image(target, MedicalImage.from_array(array, spacing=spacing) if spacing else array)
-                    written += 1
+                written += self._write_batch(batch)
                 bar.update(len(batch))
                 my_done += len(batch)
                 if callback is not None:
                     callback(my_done, my_total)
+        return written
 
-        written = _sum_over_processes(state, written)
-        if state.is_main_process:
-            missing = [s.file for s in plan if not targets[s.file].is_file()]
-            if missing:
-                raise RuntimeError(
-                    f"{out}: {len(missing)} sample(s) missing after sampling, e.g. {missing[0]}"
-                )
-            atomic_write_text(out / MANIFEST, _manifest(plan, sampler))
-            atomic_write_text(
-                out / CARD,
-                json.dumps(_card(model, model_path, digest, settings, n, suffix, True, created), indent=2)
-                + "\n",
+    def _write_batch(self, batch: list[PlannedSample]) -> int:
+        names = self.generator.info.class_names
+        labels = [None if s.label == UNCONDITIONAL else names.index(s.label) for s in batch]
+        images = self.generator.generate(labels, [s.seed for s in batch])
+        images = _checked_images(images, len(batch), self.shape, self.generator.kind)
+        spacing, written = self.generator.info.spacing, 0
+        for sample, image in zip(batch, images):
+            target = self.targets[sample.file]
+            if target.is_file():  # written by an earlier run: never twice
+                continue
+            array = self.mapping(image)
+            write_image(target, MedicalImage.from_array(array, spacing=spacing) if spacing else array)
+            written += 1
+        return written
+
+    def _finish(self) -> None:
+        missing = [s.file for s in self.plan if not self.targets[s.file].is_file()]
+        if missing:
+            raise RuntimeError(
+                f"{self.out}: {len(missing)} sample(s) missing after sampling, e.g. {missing[0]}"
             )
-        state.wait_for_everyone()
-    seconds = time.perf_counter() - start_time
-    return SampleResult(out, len(plan), written, kept, seconds)
+        atomic_write_text(self.out / MANIFEST, _manifest(self.plan, self.generator.manifest_fields()))
+        self.write_card(complete=True)
+
+
+def _checked_images(images: Any, n: int, shape: tuple[int, ...], kind: str):
+    """The generator's batch as a float32 numpy array, after checking its shape."""
+    if not isinstance(images, torch.Tensor) or tuple(images.shape) != (n, *shape):
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise RuntimeError(f"the {kind} generator returned {got} for {n} sample(s); expected {(n, *shape)}")
+    return images.detach().to(device="cpu", dtype=torch.float32).numpy()
 
 
 def _sum_over_processes(state, value: int) -> int:
     if state.num_processes == 1:
         return value
-    import torch
     import torch.distributed as dist
 
     total = torch.tensor([value], dtype=torch.long, device=state.device)

@@ -249,11 +249,11 @@ def test_eta_with_another_sampler_raises(name):
         SamplerConfig(name=name, eta=1.0)
 
 
-@pytest.mark.parametrize("eta", [-0.5, -1e-9, math.nan, math.inf])
+@pytest.mark.parametrize("eta", [-0.5, -1e-9, 1.5, math.nan, math.inf])  # above 1: no real DDIM step
 def test_bad_eta_raises(eta):
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match=r"eta must be >= 0 and <= 1"):
         make_scheduler("ddim", SCHEDULE, eta=eta)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match=r"eta must be >= 0 and <= 1"):
         SamplerConfig(name="ddim", eta=eta)
 
 

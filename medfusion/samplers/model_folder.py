@@ -524,6 +524,8 @@ def _network_skeleton(file: Path, cls: type[UNet] | type[VAE]) -> UNet | VAE:
     """The network of ``config.json`` built on the meta device (its own argument checks run; no
     memory is taken, no weights are read)."""
     config = _read_json(file)
+    renamed = getattr(cls, "renamed_config_keys", {})  # names of earlier versions, read as today's
+    config = {renamed.get(key, key): value for key, value in config.items()}
     _check_init_config(cls, config, str(file), _NETWORK_METADATA)
     try:
         with torch.device("meta"):

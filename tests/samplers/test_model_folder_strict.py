@@ -241,3 +241,12 @@ def test_save_refuses_what_load_would_refuse(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(model_info(2), **changes)
+
+
+def test_a_vae_config_with_the_earlier_name_of_num_head_channels_loads(model):
+    """Folders written before the VAE's attention_head_channels became num_head_channels load."""
+    target = model / VAE_CONFIG
+    data = json.loads(target.read_text())
+    data["attention_head_channels"] = data.pop("num_head_channels")
+    target.write_text(json.dumps(data))
+    assert load_model_folder(model).vae.config.num_head_channels == data["attention_head_channels"]

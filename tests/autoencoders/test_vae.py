@@ -18,17 +18,14 @@ from medfusion.autoencoders.vae import (
     reconstruction_loss,
 )
 from medfusion.nn import AttentionBlock
+from tests.tiny import TINY_VAE, VAE_WIDTHS, tiny_vae
 
-TINY = {"block_out_channels": (4, 8, 8), "layers_per_block": 1, "latent_channels": 2, "norm_num_groups": 4}
+TINY = TINY_VAE | {"block_out_channels": VAE_WIDTHS[:3]}  # three levels: downsampling by 4
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def tiny_vae(spatial_dims: int, in_channels: int = 1, **kwargs) -> VAE:
-    return VAE(spatial_dims=spatial_dims, in_channels=in_channels, **(TINY | kwargs))
 
 
 def images(spatial_dims: int, channels: int = 1, n: int = 2, size: int = 8) -> torch.Tensor:
@@ -51,7 +48,7 @@ def randomize_attention(vae: VAE) -> None:
 @pytest.mark.parametrize("in_channels", [1, 3, 2])
 @pytest.mark.parametrize("widths", [(4,), (4, 8), (4, 8, 8)])
 def test_forward_backward_shapes(spatial_dims, in_channels, widths):
-    vae = tiny_vae(spatial_dims, in_channels, block_out_channels=widths)
+    vae = tiny_vae(spatial_dims, in_channels, block_out_channels=widths, levels=3)
     factor = 2 ** (len(widths) - 1)
     assert vae.downsampling_factor == factor
     x = images(spatial_dims, in_channels)
@@ -68,7 +65,7 @@ def test_forward_backward_shapes(spatial_dims, in_channels, widths):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_out_channels_and_last_layer(spatial_dims):
-    vae = tiny_vae(spatial_dims, 1, out_channels=3)
+    vae = tiny_vae(spatial_dims, 1, out_channels=3, levels=3)
     assert vae(images(spatial_dims, 1)).reconstruction.shape[1] == 3
     assert vae.last_layer_weight() is vae.decoder.blocks[-1].weight
     assert vae.last_layer_weight().shape == (3, 4, *[3] * spatial_dims)
@@ -76,7 +73,7 @@ def test_out_channels_and_last_layer(spatial_dims):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_gradients_reach_every_parameter_with_mid_attention(spatial_dims):
-    vae = tiny_vae(spatial_dims, 2, mid_attention=True, num_head_channels=4)
+    vae = tiny_vae(spatial_dims, 2, mid_attention=True, num_head_channels=4, levels=3)
     blocks = [m for m in vae.modules() if isinstance(m, AttentionBlock)]
     assert len(blocks) == 2 and all(b.num_heads == 2 for b in blocks)  # encoder and decoder
     randomize_attention(vae)
@@ -129,7 +126,7 @@ def test_bad_arguments(kwargs, message):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_wrong_inputs(spatial_dims):
-    vae = tiny_vae(spatial_dims, 2)  # factor 4
+    vae = tiny_vae(spatial_dims, 2, levels=3)  # factor 4
     other_dims = 5 - spatial_dims
     with pytest.raises(ValueError, match=rf"takes \(N, 2, \*spatial\) with {spatial_dims} spatial axes"):
         vae(images(other_dims, 2))
@@ -201,7 +198,7 @@ def test_sample_is_deterministic_with_a_generator():
     c = posterior.sample(torch.Generator().manual_seed(2))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)
-    vae = tiny_vae(2).eval()
+    vae = tiny_vae(2, levels=3).eval()
     x = images(2)
     first = vae(x, generator=torch.Generator().manual_seed(3)).reconstruction
     second = vae(x, generator=torch.Generator().manual_seed(3)).reconstruction
@@ -209,7 +206,7 @@ def test_sample_is_deterministic_with_a_generator():
 
 
 def test_logvar_is_clamped():
-    vae = tiny_vae(2)
+    vae = tiny_vae(2, levels=3)
     with torch.no_grad():
         vae.quant_conv.bias[2:].fill_(1e3)  # the logvar half
     logvar = vae.encode(images(2)).logvar
@@ -221,7 +218,7 @@ def test_logvar_is_clamped():
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_save_and_load_round_trip(spatial_dims, tmp_path):
-    vae = tiny_vae(spatial_dims, 2, mid_attention=True).eval()
+    vae = tiny_vae(spatial_dims, 2, mid_attention=True, levels=3).eval()
     randomize_attention(vae)
     vae.set_scaling_factor(0.25)
     assert vae.scaling_factor == 0.25
@@ -247,7 +244,7 @@ def test_save_and_load_round_trip(spatial_dims, tmp_path):
 
 @pytest.mark.parametrize("value", [0.0, -2.0, math.inf, math.nan])
 def test_set_scaling_factor_rejects_bad_values(value):
-    vae = tiny_vae(2)
+    vae = tiny_vae(2, levels=3)
     with pytest.raises(ValueError, match="scaling_factor must be a positive number"):
         vae.set_scaling_factor(value)
     assert vae.scaling_factor == 1.0
@@ -255,7 +252,7 @@ def test_set_scaling_factor_rejects_bad_values(value):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_encode_and_decode_latents_apply_the_scaling_factor(spatial_dims):
-    vae = tiny_vae(spatial_dims, scaling_factor=0.5)
+    vae = tiny_vae(spatial_dims, scaling_factor=0.5, levels=3)
     vae.set_scaling_factor(2.5)
     x = images(spatial_dims)
     with torch.no_grad():
@@ -281,7 +278,7 @@ def loss_and_grads(vae: VAE, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, t
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_gradient_checkpointing_gives_the_same_gradients(spatial_dims, monkeypatch):
-    vae = tiny_vae(spatial_dims, 2, mid_attention=True)
+    vae = tiny_vae(spatial_dims, 2, mid_attention=True, levels=3)
     randomize_attention(vae)
     x = images(spatial_dims, 2)
     loss, grads = loss_and_grads(vae, x)
@@ -366,7 +363,7 @@ def test_a_vae_saved_with_the_earlier_name_of_num_head_channels_loads(tmp_path):
     """config.json of earlier versions says attention_head_channels; it loads as num_head_channels."""
     import json
 
-    vae = tiny_vae(2, 1, mid_attention=True, num_head_channels=4)
+    vae = tiny_vae(2, 1, mid_attention=True, num_head_channels=4, levels=3)
     vae.save_pretrained(tmp_path, safe_serialization=True)
     config = json.loads((tmp_path / "config.json").read_text())
     config["attention_head_channels"] = config.pop("num_head_channels")

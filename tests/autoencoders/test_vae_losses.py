@@ -11,22 +11,12 @@ from medfusion.autoencoders import perceptual
 from medfusion.autoencoders.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from medfusion.autoencoders.losses import VAELoss, VAELossConfig, frozen
 from medfusion.autoencoders.vae import VAE, DiagonalGaussian, VAEOutput
+from tests.tiny import tiny_vae
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def tiny_vae(spatial_dims: int, in_channels: int = 1) -> VAE:
-    return VAE(
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        latent_channels=2,
-        norm_num_groups=4,
-    )
 
 
 def tiny_discriminator(spatial_dims: int, in_channels: int = 1) -> PatchDiscriminator:

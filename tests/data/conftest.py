@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _builders import gray_crops
 
 from medfusion.data import MedicalImage, write_image
+from tests.data._builders import gray_crops
 
 
 @pytest.fixture(scope="session")

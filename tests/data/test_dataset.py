@@ -6,7 +6,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _builders import write_ct_series
 from torch.utils.data import DataLoader
 
 import medfusion.data.dataset as dataset_module
@@ -20,6 +19,7 @@ from medfusion.data import (
     split_indices,
     write_image,
 )
+from tests.data._builders import write_ct_series
 
 
 def test_items_are_normalised_tensors_with_labels(make_folder):

@@ -4,9 +4,9 @@ import re
 from pathlib import Path
 
 import pytest
-from _builders import write_ct_series
 
 from medfusion.data import DataError, discover
+from tests.data._builders import write_ct_series
 
 
 def test_labels_from_first_level_folders(make_folder):

@@ -17,7 +17,6 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
-from _builders import assert_info_agrees
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -26,6 +25,7 @@ from medfusion.data.errors import ImageReadError
 from medfusion.data.image import identity_direction
 from medfusion.data.readers import read_image, read_info
 from medfusion.data.writers import write_image
+from tests.data._builders import assert_info_agrees
 
 
 def dicom_file(name: str) -> str:

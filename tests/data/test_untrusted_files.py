@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _builders import write_ct_series
 from PIL import Image
 
 from medfusion.data import (
@@ -38,6 +37,7 @@ from medfusion.data import (
     write_image,
 )
 from medfusion.data.readers import format_of
+from tests.data._builders import write_ct_series
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs and symlinks")
 

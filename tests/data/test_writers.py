@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _builders import assert_info_agrees
 
 from medfusion.data import writers
 from medfusion.data.image import MedicalImage, identity_direction
 from medfusion.data.readers import read_image, read_info
 from medfusion.data.writers import to_unsigned, write_image
+from tests.data._builders import assert_info_agrees
 
 VOLUME_SUFFIXES = [".nii", ".nii.gz", ".mha", ".nrrd"]
 

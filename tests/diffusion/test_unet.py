@@ -12,8 +12,7 @@ import torch
 
 from medfusion.diffusion.unet import UNet, UNetConfig
 from medfusion.nn import AttentionBlock, ResBlock
-
-TINY = {"block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4, "num_head_channels": 8}
+from tests.tiny import TINY_UNET, perturb, tiny_unet
 
 
 @pytest.fixture(autouse=True)
@@ -21,20 +20,8 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_unet(spatial_dims: int, in_channels: int = 4, **kwargs) -> UNet:
-    return UNet(spatial_dims=spatial_dims, in_channels=in_channels, **(TINY | kwargs))
-
-
 def latents(spatial_dims: int, channels: int = 4, n: int = 2) -> torch.Tensor:
     return torch.randn(n, channels, *(8, 16, 8)[:spatial_dims])
-
-
-def perturb(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Add small noise to every parameter (the zero-initialised layers make the output 0 otherwise)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model
 
 
 def plain_config(model: UNet) -> dict:
@@ -267,7 +254,7 @@ def test_save_and_load_round_trip(spatial_dims, tmp_path):
     ],
 )
 def test_bad_arguments_raise(kwargs, message):
-    args = {"spatial_dims": 2, "in_channels": 4} | TINY | kwargs
+    args = {"spatial_dims": 2, "in_channels": 4} | TINY_UNET | kwargs
     with pytest.raises(ValueError, match=message):
         UNet(**args)
 
@@ -288,36 +275,36 @@ def test_bad_inputs_raise(spatial_dims):
 
 
 def test_config_resolve_fills_and_checks():
-    config = UNetConfig(**TINY)
+    config = UNetConfig(**TINY_UNET)
     assert config.spatial_dims is None and config.in_channels is None and config.num_classes is None
     resolved = config.resolve(3, 4, 2)
     assert (resolved.spatial_dims, resolved.in_channels, resolved.num_classes) == (3, 4, 2)
     assert resolved.block_out_channels == (8, 16) and resolved.norm_num_groups == 4
     assert config.resolve(2, 4, None).num_classes is None
-    assert UNetConfig(spatial_dims=3, in_channels=4, num_classes=2, **TINY).resolve(3, 4, 2) == resolved
+    assert UNetConfig(spatial_dims=3, in_channels=4, num_classes=2, **TINY_UNET).resolve(3, 4, 2) == resolved
     for field, args in [
         ("spatial_dims", (3, 4, 2)),
         ("in_channels", (2, 8, 2)),
         ("num_classes", (2, 4, 5)),
         ("num_classes", (2, 4, None)),
     ]:
-        configured = UNetConfig(spatial_dims=2, in_channels=4, num_classes=2, **TINY)
+        configured = UNetConfig(spatial_dims=2, in_channels=4, num_classes=2, **TINY_UNET)
         with pytest.raises(ValueError, match=rf"model\.{field}"):
             configured.resolve(*args)
 
 
 def test_config_build():
-    model = UNetConfig(mid_attention=True, **TINY).build(2, 4, 3)
+    model = UNetConfig(mid_attention=True, **TINY_UNET).build(2, 4, 3)
     assert isinstance(model, UNet)
     assert model.config.spatial_dims == 2 and model.config.in_channels == 4 and model.num_classes == 3
     assert tuple(model.config.block_out_channels) == (8, 16) and model.config.mid_attention
     assert model(latents(2), 5, torch.tensor([0, 3])).shape == (2, 4, 8, 16)
     with pytest.raises(ValueError, match=r"model\.in_channels"):
-        UNetConfig(in_channels=2, **TINY).build(2, 4, None)
+        UNetConfig(in_channels=2, **TINY_UNET).build(2, 4, None)
 
 
 def test_config_dict_round_trip():
-    config = UNetConfig(spatial_dims=3, attention_levels=(False, True), num_classes=2, **TINY)
+    config = UNetConfig(spatial_dims=3, attention_levels=(False, True), num_classes=2, **TINY_UNET)
     data = config.to_dict()
     assert data["block_out_channels"] == [8, 16] and data["attention_levels"] == [False, True]
     assert UNetConfig.from_dict(data) == config

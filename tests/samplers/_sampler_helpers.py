@@ -8,15 +8,14 @@ from medfusion.autoencoders.vae import VAE
 from medfusion.diffusion.objective import DiffusionConfig
 from medfusion.diffusion.unet import UNet
 from medfusion.samplers import ModelInfo
+from tests.tiny import perturb, tiny_unet, tiny_vae
 
-# the sampling loop's U-Net: 4 latent channels, 3 classes
-TINY = {"block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4, "num_head_channels": 8}
+# the sampling loop's U-Net: tests.tiny's on 4 latent channels, 3 classes
 NUM_CLASSES = 3
 LATENT_SPATIAL = {2: (8, 4), 3: (4, 8, 4)}  # not all sides equal, so that mixed-up axes show
 
 # the model folder's parts: a VAE halving each side once into 2 latent channels, 2 classes
 LATENT_CHANNELS = 2
-VAE_TINY = {"block_out_channels": (4, 8), "layers_per_block": 1, "norm_num_groups": 4}
 UNET_TINY = {
     "block_out_channels": (8, 8),
     "layers_per_block": 1,
@@ -27,17 +26,9 @@ IMAGE_SIZE = {2: (16, 8), 3: (8, 8, 4)}  # array order
 SPACING = {2: (0.5, 0.25), 3: (0.5, 0.25, 2.0)}
 
 
-def perturb(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Small noise on every parameter (zero-initialised layers would hide mix-ups otherwise)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model
-
-
-def tiny_unet(spatial_dims: int, num_classes: int | None = NUM_CLASSES) -> UNet:
+def random_unet(spatial_dims: int, num_classes: int | None = NUM_CLASSES) -> UNet:
     """A tiny conditional U-Net on 4 latent channels with small random weights everywhere."""
-    return perturb(UNet(spatial_dims=spatial_dims, in_channels=4, num_classes=num_classes, **TINY)).eval()
+    return perturb(tiny_unet(spatial_dims, 4, num_classes=num_classes)).eval()
 
 
 def latent_shape(spatial_dims: int, n: int = 2) -> tuple[int, ...]:
@@ -48,8 +39,9 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def tiny_vae(spatial_dims: int, latent_channels: int = LATENT_CHANNELS) -> VAE:
-    vae = VAE(spatial_dims=spatial_dims, in_channels=1, latent_channels=latent_channels, **VAE_TINY)
+def folder_vae(spatial_dims: int, latent_channels: int = LATENT_CHANNELS) -> VAE:
+    """The VAE of a tiny model folder: tests.tiny's, small random weights, a scaling factor."""
+    vae = tiny_vae(spatial_dims, 1, latent_channels=latent_channels)
     vae.set_scaling_factor(0.75)
     return perturb(vae).eval()
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _sampler_helpers import IMAGE_SIZE, SPACING
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medfusion.samplers import ImageGenerator, ModelInfo, read_model_info
+from tests.samplers._sampler_helpers import IMAGE_SIZE, SPACING
 
 KIND = "toy"
 NOISE = 8  # noise dimensions

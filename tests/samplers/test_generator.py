@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from _sampler_helpers import folder_unet, model_info, scheduler_config, tiny_vae
-from _toy_generator import KIND, ToyGenerator, load_toy, save_toy_folder, toy_info, toy_net
 
 import medfusion.samplers.generator as generator_module
 from medfusion.data.writers import intensity_mapping
@@ -40,6 +38,8 @@ from medfusion.samplers import (
     write_generated_dataset,
     write_synthetic_dataset,
 )
+from tests.samplers._sampler_helpers import folder_unet, folder_vae, model_info, scheduler_config
+from tests.samplers._toy_generator import KIND, ToyGenerator, load_toy, save_toy_folder, toy_info, toy_net
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 SUFFIX = {2: ".png", 3: ".nii.gz"}
@@ -66,7 +66,7 @@ def toy_kind(monkeypatch):
 def diffusion_model(tmp_path_factory) -> Path:
     torch.manual_seed(4)
     root = tmp_path_factory.mktemp("models")
-    return save_model_folder(root / "2d", folder_unet(2), tiny_vae(2), scheduler_config(), model_info(2))
+    return save_model_folder(root / "2d", folder_unet(2), folder_vae(2), scheduler_config(), model_info(2))
 
 
 def write(generator, out: Path, n: int = 3, batch_size: int = 2, **kwargs):
@@ -347,7 +347,7 @@ def test_model_info_kind():
 def test_save_model_folder_writes_diffusion_folders_only(tmp_path):
     info = dataclasses.replace(model_info(2), kind="toy")
     with pytest.raises(ModelFolderError, match=r"medfusion\.json says kind 'toy'"):
-        save_model_folder(tmp_path / "model", folder_unet(2), tiny_vae(2), scheduler_config(), info)
+        save_model_folder(tmp_path / "model", folder_unet(2), folder_vae(2), scheduler_config(), info)
     assert not (tmp_path / "model").exists()
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _sampler_helpers import LATENT_CHANNELS, folder_unet, model_info, scheduler_config, tiny_vae
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from medfusion.autoencoders.vae import VAE
@@ -22,6 +21,13 @@ from medfusion.samplers import (
     load_model_folder,
     sample_latents,
     save_model_folder,
+)
+from tests.samplers._sampler_helpers import (
+    LATENT_CHANNELS,
+    folder_unet,
+    folder_vae,
+    model_info,
+    scheduler_config,
 )
 
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -50,7 +56,7 @@ def spatial_dims(request) -> int:
 @pytest.fixture
 def saved(tmp_path, spatial_dims):
     """A model folder written from tiny models: (path, unet, vae, info)."""
-    unet, vae, info = folder_unet(spatial_dims), tiny_vae(spatial_dims), model_info(spatial_dims)
+    unet, vae, info = folder_unet(spatial_dims), folder_vae(spatial_dims), model_info(spatial_dims)
     path = save_model_folder(tmp_path / "model", unet, vae, scheduler_config(), info)
     return path, unet, vae, info
 
@@ -252,14 +258,14 @@ def test_missing_folder_is_refused(tmp_path):
 
 
 def test_save_refuses_parts_that_do_not_fit(tmp_path):
-    vae, info = tiny_vae(2), model_info(2)
+    vae, info = folder_vae(2), model_info(2)
     cases = [
         (folder_unet(2, in_channels=LATENT_CHANNELS + 1), vae, info, "U-Net takes 3 latent channel"),
         (folder_unet(2, num_classes=3), vae, info, r"U-Net has 3 class\(es\) but medfusion.json names 2"),
         (folder_unet(2, num_classes=None), vae, info, r"U-Net has None class\(es\)"),
         (folder_unet(2, num_classes=2), vae, model_info(2, class_names=()), r"names 0"),
         (folder_unet(3), vae, info, "U-Net is 3D but the VAE 2D"),
-        (folder_unet(3), tiny_vae(3), info, "says 2D with 1 channel"),
+        (folder_unet(3), folder_vae(3), info, "says 2D with 1 channel"),
     ]
     for unet, vae_, info_, message in cases:
         with pytest.raises(ModelFolderError, match=message):
@@ -268,7 +274,7 @@ def test_save_refuses_parts_that_do_not_fit(tmp_path):
 
 
 def test_unconditional_model_round_trip(tmp_path):
-    unet, vae, info = folder_unet(2, num_classes=None), tiny_vae(2), model_info(2, class_names=())
+    unet, vae, info = folder_unet(2, num_classes=None), folder_vae(2), model_info(2, class_names=())
     folder = load_model_folder(save_model_folder(tmp_path / "model", unet, vae, scheduler_config(), info))
     assert folder.unet.num_classes is None and folder.info.class_names == ()
     assert_same_weights(folder.unet, unet)
@@ -280,26 +286,26 @@ def test_unconditional_model_round_trip(tmp_path):
 def test_save_over_an_existing_folder_replaces_it(tmp_path):
     parent = tmp_path / "models"
     first = folder_unet(2)
-    path = save_model_folder(parent / "model", first, tiny_vae(2), scheduler_config(), model_info(2))
+    path = save_model_folder(parent / "model", first, folder_vae(2), scheduler_config(), model_info(2))
     (path / "stale.txt").write_text("from the first save")
     second = folder_unet(2)
     assert not torch.equal(second.conv_out.weight, first.conv_out.weight)
-    save_model_folder(path, second, tiny_vae(2), scheduler_config(), model_info(2))
+    save_model_folder(path, second, folder_vae(2), scheduler_config(), model_info(2))
 
     assert [p.name for p in parent.iterdir()] == ["model"]  # no temporary or old folder beside it
     assert not (path / "stale.txt").exists()
     assert_same_weights(load_model_folder(path).unet, second)
 
     with pytest.raises(FileExistsError):
-        save_model_folder(path, first, tiny_vae(2), scheduler_config(), model_info(2), overwrite=False)
+        save_model_folder(path, first, folder_vae(2), scheduler_config(), model_info(2), overwrite=False)
     assert_same_weights(load_model_folder(path).unet, second)
 
 
 def test_failed_save_leaves_the_old_folder(tmp_path, monkeypatch):
     parent = tmp_path / "models"
     unet = folder_unet(2)
-    path = save_model_folder(parent / "model", unet, tiny_vae(2), scheduler_config(), model_info(2))
-    vae = tiny_vae(2)
+    path = save_model_folder(parent / "model", unet, folder_vae(2), scheduler_config(), model_info(2))
+    vae = folder_vae(2)
 
     def fail(*args, **kwargs):
         raise OSError("disk full")

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _sampler_helpers import folder_unet, model_info, scheduler_config, tiny_vae
 
 from medfusion.autoencoders.vae import VAE
 from medfusion.cli import main
@@ -21,6 +20,7 @@ from medfusion.diffusion.objective import BETA_SCHEDULES, PREDICTION_TYPES, Diff
 from medfusion.diffusion.unet import UNet
 from medfusion.samplers import INFO_FILE, MODEL_INDEX, ModelFolderError, load_model_folder
 from medfusion.samplers.model_folder import model_hash, save_model_folder
+from tests.samplers._sampler_helpers import folder_unet, folder_vae, model_info, scheduler_config
 
 SCHEDULER = "scheduler/scheduler_config.json"
 UNET = "unet/config.json"
@@ -31,7 +31,7 @@ VAE_CONFIG = "vae/config.json"
 def valid(tmp_path_factory) -> Path:
     """One tiny valid 2D conditional model folder (read only: tests edit a copy)."""
     root = tmp_path_factory.mktemp("valid")
-    return save_model_folder(root / "model", folder_unet(2), tiny_vae(2), scheduler_config(), model_info(2))
+    return save_model_folder(root / "model", folder_unet(2), folder_vae(2), scheduler_config(), model_info(2))
 
 
 @pytest.fixture
@@ -226,7 +226,7 @@ def test_every_schedule_medfusion_trains_loads(model, beta_schedule, prediction_
 
 
 def test_save_refuses_what_load_would_refuse(tmp_path):
-    unet, vae = folder_unet(2), tiny_vae(2)
+    unet, vae = folder_unet(2), folder_vae(2)
     bad_schedule = {**scheduler_config(), "prediction_type": "sample"}
     with pytest.raises(ModelFolderError, match=r"scheduler_config: prediction_type must be one of"):
         save_model_folder(tmp_path / "model", unet, vae, bad_schedule, model_info(2))

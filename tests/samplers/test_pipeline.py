@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 import torch
-from _sampler_helpers import folder_unet, model_info, scheduler_config, tiny_vae
 
 from medfusion.samplers import MedfusionPipeline, SamplerConfig, decode_in_slabs, save_model_folder
+from tests.samplers._sampler_helpers import folder_unet, folder_vae, model_info, scheduler_config
 
 SAMPLER = SamplerConfig(steps=2)
 # diffusers' sigma schedulers call np.array(tensor, copy=False) (numpy 2 deprecation): not ours
@@ -23,12 +23,16 @@ def models(tmp_path_factory):
     torch.manual_seed(1)
     root = tmp_path_factory.mktemp("models")
     return {
-        "2d": save_model_folder(root / "2d", folder_unet(2), tiny_vae(2), scheduler_config(), model_info(2)),
-        "3d": save_model_folder(root / "3d", folder_unet(3), tiny_vae(3), scheduler_config(), model_info(3)),
+        "2d": save_model_folder(
+            root / "2d", folder_unet(2), folder_vae(2), scheduler_config(), model_info(2)
+        ),
+        "3d": save_model_folder(
+            root / "3d", folder_unet(3), folder_vae(3), scheduler_config(), model_info(3)
+        ),
         "uncond": save_model_folder(
             root / "uncond",
             folder_unet(2, num_classes=None),
-            tiny_vae(2),
+            folder_vae(2),
             scheduler_config(),
             dataclasses.replace(model_info(2, class_names=()), source_dtype="uint8"),
         ),

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from _sampler_helpers import NUM_CLASSES, latent_shape, seeded, tiny_unet
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -21,6 +20,7 @@ from torch import nn
 
 from medfusion.diffusion.objective import DiffusionConfig
 from medfusion.samplers import sample_latents
+from tests.samplers._sampler_helpers import NUM_CLASSES, latent_shape, random_unet, seeded
 
 # diffusers' sigma schedulers call np.array(tensor, copy=False) (numpy 2 deprecation): not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -89,7 +89,7 @@ def test_output_shape_and_dtype(spatial_dims, cls):
     shape = latent_shape(spatial_dims)
     labels = torch.tensor([0, 2])
     out = sample_latents(
-        tiny_unet(spatial_dims),
+        random_unet(spatial_dims),
         scheduler(cls),
         shape,
         labels,
@@ -105,7 +105,7 @@ def test_output_shape_and_dtype(spatial_dims, cls):
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler])
 def test_same_seed_same_samples(spatial_dims, cls):
-    unet, shape, labels = tiny_unet(spatial_dims), latent_shape(spatial_dims), torch.tensor([1, 0])
+    unet, shape, labels = random_unet(spatial_dims), latent_shape(spatial_dims), torch.tensor([1, 0])
 
     def run(seed: int) -> torch.Tensor:
         return sample_latents(
@@ -122,7 +122,7 @@ def test_same_seed_same_samples(spatial_dims, cls):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_guidance_is_one_batched_call_per_step(spatial_dims):
-    unet = Recorder(tiny_unet(spatial_dims))
+    unet = Recorder(random_unet(spatial_dims))
     labels = torch.tensor([2, 0])
     steps = 4
     sample_latents(unet, scheduler(), latent_shape(spatial_dims), labels, steps=steps, guidance_scale=4.0)
@@ -136,7 +136,7 @@ def test_guidance_is_one_batched_call_per_step(spatial_dims):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_no_guidance_is_one_plain_call_per_step(spatial_dims):
-    unet = Recorder(tiny_unet(spatial_dims))
+    unet = Recorder(random_unet(spatial_dims))
     steps = 3
     sample_latents(unet, scheduler(), latent_shape(spatial_dims), torch.tensor([1, 2]), steps=steps)
     assert len(unet.calls) == steps
@@ -195,7 +195,7 @@ def test_guided_step_matches_the_formula(cls, guidance_scale):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_no_labels_sample_the_null_class(spatial_dims):
-    unet = Recorder(tiny_unet(spatial_dims))
+    unet = Recorder(random_unet(spatial_dims))
     shape = latent_shape(spatial_dims)
     out = sample_latents(unet, scheduler(), shape, None, steps=2, generator=seeded())
     assert len(unet.calls) == 2
@@ -211,7 +211,7 @@ def test_no_labels_sample_the_null_class(spatial_dims):
 
 
 def test_unconditional_model_samples_without_labels():
-    unet = Recorder(tiny_unet(2, num_classes=None))
+    unet = Recorder(random_unet(2, num_classes=None))
     out = sample_latents(unet, scheduler(), latent_shape(2), steps=2, guidance_scale=3.0)
     assert out.shape == latent_shape(2)
     assert [(batch, labels) for batch, _, labels in unet.calls] == [(2, None), (2, None)]
@@ -231,14 +231,14 @@ def test_unconditional_model_samples_without_labels():
     ],
 )
 def test_bad_labels_raise(labels, message):
-    unet = Recorder(tiny_unet(2))
+    unet = Recorder(random_unet(2))
     with pytest.raises(ValueError, match=message):
         sample_latents(unet, scheduler(), latent_shape(2), torch.tensor(labels), steps=2)
     assert not unet.calls
 
 
 def test_null_class_label_is_allowed_and_lists_are_taken():
-    unet = Recorder(tiny_unet(2))
+    unet = Recorder(random_unet(2))
     sample_latents(unet, scheduler(), latent_shape(2), [NUM_CLASSES, 0], steps=1, guidance_scale=2.0)
     assert unet.calls[0][2].tolist() == [NUM_CLASSES, 0, NUM_CLASSES, NUM_CLASSES]
 
@@ -256,7 +256,7 @@ def test_callback_once_per_step():
     seen = []
     steps = 5
     out = sample_latents(
-        tiny_unet(2),
+        random_unet(2),
         scheduler(),
         latent_shape(2),
         torch.tensor([0, 1]),
@@ -298,11 +298,11 @@ def test_ddim_with_zero_noise_prediction_rescales_x_t(spatial_dims, steps):
 def test_float_labels_are_refused():
     with pytest.raises(ValueError, match="class labels must be integers"):
         labels = torch.tensor([0.7, 1.0])
-        sample_latents(tiny_unet(2), scheduler(DDIMScheduler), latent_shape(2), labels, steps=1)
+        sample_latents(random_unet(2), scheduler(DDIMScheduler), latent_shape(2), labels, steps=1)
 
 
 def test_unconditional_samples_of_a_conditional_model_are_not_doubled():
-    unet = tiny_unet(2)
+    unet = random_unet(2)
     sizes = []
     unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     sample_latents(unet, scheduler(DDIMScheduler), latent_shape(2), None, steps=2, guidance_scale=3.0)

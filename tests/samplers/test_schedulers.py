@@ -15,7 +15,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from _sampler_helpers import latent_shape, seeded, tiny_unet
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
@@ -31,6 +30,7 @@ from medfusion.samplers import (
     rescale_guidance,
     sample_latents,
 )
+from tests.samplers._sampler_helpers import latent_shape, random_unet, seeded
 
 NAMES = list(SAMPLERS)
 SCHEDULE = DiffusionConfig().scheduler_config()
@@ -102,7 +102,7 @@ class GaussianDenoiser(nn.Module):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_every_sampler_shape_dtype_and_seeding(spatial_dims, name):
-    unet, shape, labels = tiny_unet(spatial_dims), latent_shape(spatial_dims), torch.tensor([2, 0])
+    unet, shape, labels = random_unet(spatial_dims), latent_shape(spatial_dims), torch.tensor([2, 0])
     config = SamplerConfig(name=name, steps=3, guidance_scale=3.0)
 
     def run(seed: int) -> torch.Tensor:
@@ -156,7 +156,7 @@ def test_scheduler_save_and_load_gives_the_same_sampler(name, tmp_path):
     # a sampler made from the saved config (the model folder's schedule) is the same again
     assert public(make_scheduler(name, dict(loaded.config)).config) == public(scheduler.config)
 
-    unet, shape, labels = tiny_unet(2), latent_shape(2), torch.tensor([1, 2])
+    unet, shape, labels = random_unet(2), latent_shape(2), torch.tensor([1, 2])
 
     def run(s) -> torch.Tensor:
         return sample_latents(unet, s, shape, labels, steps=3, guidance_scale=2.0, generator=seeded(5))
@@ -431,7 +431,7 @@ def test_every_sampler_reproduces_gaussian_data(name, steps, eta, tolerance, pre
 
 @pytest.mark.parametrize(("name", "eta"), [("ddpm", 0.0), ("ddim", 1.0), ("euler", 0.0), ("dpmpp-2m", 0.0)])
 def test_a_sample_depends_on_its_own_generator_only(name, eta):
-    unet, labels, seeds = tiny_unet(2), torch.tensor([0, 2, 1]), [11, 12, 13]
+    unet, labels, seeds = random_unet(2), torch.tensor([0, 2, 1]), [11, 12, 13]
     shape = latent_shape(2, n=3)
 
     def run(shape, labels, generator) -> torch.Tensor:
@@ -535,7 +535,7 @@ def test_rescale_guidance_arithmetic():
 def test_sample_latents_refuses_a_bad_guidance_rescale(guidance_rescale):
     with pytest.raises(ValueError, match="guidance_rescale"):
         sample_latents(
-            tiny_unet(2),
+            random_unet(2),
             make_scheduler("ddim", SCHEDULE),
             latent_shape(2),
             torch.tensor([0, 1]),
@@ -547,7 +547,7 @@ def test_sample_latents_refuses_a_bad_guidance_rescale(guidance_rescale):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_guidance_rescale_changes_guided_samples_deterministically(spatial_dims):
-    unet, shape, labels = tiny_unet(spatial_dims), latent_shape(spatial_dims), torch.tensor([1, 0])
+    unet, shape, labels = random_unet(spatial_dims), latent_shape(spatial_dims), torch.tensor([1, 0])
 
     def run(phi: float, guidance_scale: float = 3.0) -> torch.Tensor:
         scheduler = make_scheduler("dpmpp-2m", SCHEDULE)
@@ -607,7 +607,7 @@ def test_karras_sigmas_change_the_noise_levels_and_keep_the_loop_working(name):
     assert float(karras.timesteps[0]) == pytest.approx(float(plain.timesteps[0]), abs=1.0)
     sampler = SamplerConfig(name, steps=4, karras_sigmas=True)
     assert SamplerConfig.from_dict(sampler.to_dict()) == sampler
-    unet, shape, labels = tiny_unet(2), latent_shape(2), torch.tensor([0, 2])
+    unet, shape, labels = random_unet(2), latent_shape(2), torch.tensor([0, 2])
 
     def draw(config):
         return sample_latents(unet, config.scheduler(SCHEDULE), shape, labels, 4, 3.0, seeded(5))

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from _sampler_helpers import folder_unet, model_info, scheduler_config, tiny_vae
 
 import medfusion.samplers.diffusion_generator as diffusion_generator
 import medfusion.samplers.synthetic as synthetic
@@ -34,6 +33,7 @@ from medfusion.samplers import (
     save_model_folder,
     write_synthetic_dataset,
 )
+from tests.samplers._sampler_helpers import folder_unet, folder_vae, model_info, scheduler_config
 
 STEPS = 2
 SAMPLER = SamplerConfig(steps=STEPS)  # what the command makes of --steps 2
@@ -50,11 +50,15 @@ def models(tmp_path_factory):
     uint8 = dataclasses.replace(model_info(2), source_dtype="uint8")
     uncond = model_info(2, class_names=())
     return {
-        "2d": save_model_folder(root / "2d", folder_unet(2), tiny_vae(2), scheduler_config(), model_info(2)),
-        "uint8": save_model_folder(root / "uint8", folder_unet(2), tiny_vae(2), scheduler_config(), uint8),
-        "3d": save_model_folder(root / "3d", folder_unet(3), tiny_vae(3), scheduler_config(), model_info(3)),
+        "2d": save_model_folder(
+            root / "2d", folder_unet(2), folder_vae(2), scheduler_config(), model_info(2)
+        ),
+        "uint8": save_model_folder(root / "uint8", folder_unet(2), folder_vae(2), scheduler_config(), uint8),
+        "3d": save_model_folder(
+            root / "3d", folder_unet(3), folder_vae(3), scheduler_config(), model_info(3)
+        ),
         "uncond": save_model_folder(
-            root / "uncond", folder_unet(2, num_classes=None), tiny_vae(2), scheduler_config(), uncond
+            root / "uncond", folder_unet(2, num_classes=None), folder_vae(2), scheduler_config(), uncond
         ),
     }
 

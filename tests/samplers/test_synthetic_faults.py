@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _sampler_helpers import folder_unet, model_info, scheduler_config, tiny_vae
 
 from medfusion.cli import main
 from medfusion.data import writers
 from medfusion.data.writers import written_file_problem
 from medfusion.samplers import CARD, MANIFEST, save_model_folder, write_synthetic_dataset
 from medfusion.samplers.schedulers import SamplerConfig
+from tests.samplers._sampler_helpers import folder_unet, folder_vae, model_info, scheduler_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 SAMPLER = SamplerConfig(steps=2)
@@ -31,7 +31,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {
         dims: save_model_folder(
-            root / f"{dims}d", folder_unet(dims), tiny_vae(dims), scheduler_config(), model_info(dims)
+            root / f"{dims}d", folder_unet(dims), folder_vae(dims), scheduler_config(), model_info(dims)
         )
         for dims in (2, 3)
     }

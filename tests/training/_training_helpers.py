@@ -44,12 +44,3 @@ class RetinaCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {"image": self.images[index], "label": index % 2, "index": index}
-
-
-def tiny_vae(seed: int = 0):
-    from medfusion.autoencoders.vae import VAE
-
-    torch.manual_seed(seed)
-    return VAE(
-        spatial_dims=2, in_channels=1, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4
-    )

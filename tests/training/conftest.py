@@ -7,11 +7,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from _training_helpers import RetinaCrops
 from nibabel.testing import data_path
 
 from medfusion.data import write_image
 from medfusion.data.image import MedicalImage
+from tests.training._training_helpers import RetinaCrops
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-from _training_helpers import RetinaCrops, tiny_vae
 from safetensors import SafetensorError
 
 from medfusion.autoencoders.losses import VAELoss, VAELossConfig
@@ -16,6 +15,8 @@ from medfusion.training.checkpoint import CheckpointManager
 from medfusion.training.loop import EpochSampler, TrainConfig, TrainingError, measure_step_seconds, train
 from medfusion.training.state_io import CheckpointError, load_state
 from medfusion.training.vae import VAETask
+from tests.tiny import tiny_vae
+from tests.training._training_helpers import RetinaCrops
 
 BASE = TrainConfig(
     max_steps=12,
@@ -49,7 +50,7 @@ class Stop(Exception):
 
 def _task(seed: int = 0) -> VAETask:
     torch.manual_seed(seed)
-    vae = tiny_vae(seed)
+    vae = tiny_vae()
     return VAETask(vae, VAELoss(LOSS, spatial_dims=2, in_channels=1))
 
 

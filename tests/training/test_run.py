@@ -8,12 +8,13 @@ import time
 import pytest
 import torch
 import yaml
-from _training_helpers import RetinaCrops, tiny_vae
 
 from medfusion.autoencoders.losses import VAELoss, VAELossConfig
 from medfusion.training.loop import TrainConfig
 from medfusion.training.run import CONFIG_FILE, PreparedRun, execute, seeded, time_one_step
 from medfusion.training.vae import VAERunConfig, VAETask
+from tests.tiny import tiny_vae
+from tests.training._training_helpers import RetinaCrops
 
 TRAIN = TrainConfig(max_steps=3, batch_size=4, checkpoint_every=3, preview_every=0, num_workers=0, seed=5)
 

@@ -2,7 +2,9 @@
 
 Every component's config derives from :class:`Config`: ``to_dict``/``from_dict`` round-trip
 through plain JSON/YAML types, unknown keys are an error naming the key and the allowed ones, and
-lists from YAML become the tuples the dataclass declares.
+lists from YAML become the tuples the dataclass declares. :func:`merge_config` builds a run's config
+from the class defaults, a YAML/JSON file and overrides (Python values, or ``section.key=value``
+assignments whose values are YAML).
 """
 
 from __future__ import annotations
@@ -60,15 +62,7 @@ class Config:
     def load(cls: type[C], path: str | os.PathLike, section: str | None = None) -> C:
         """Read a YAML or JSON file (optionally one top-level ``section`` of it)."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read config: {e.strerror}") from e
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: not valid YAML/JSON: {e}") from e
-        data = data or {}
+        data = _read_file(path)
         if section is not None:
             if not isinstance(data, dict):
                 raise ValueError(f"{path}: expected a mapping at the top level")
@@ -76,13 +70,109 @@ class Config:
         return cls.from_dict(data, source=str(path))
 
 
+def _read_file(path: Path) -> Any:
+    """The parsed contents of a YAML or JSON file (an empty file: ``{}``); errors name the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read config: {e.strerror}") from e
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not valid YAML/JSON: {e}") from e
+    return data or {}
+
+
+def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level mapping of a YAML or JSON file (an empty file: ``{}``), unvalidated; errors
+    name the file."""
+    path = Path(path)
+    data = _read_file(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level; got {type(data).__name__}")
+    return data
+
+
+def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
+    """``section.key=value`` assignments as a nested dict, each value parsed as YAML.
+
+    Args:
+        assignments: e.g. ``["train.max_steps=500", "data.resize=[64, 64]"]``; later ones win.
+
+    Returns:
+        The nested dict, e.g. ``{"train": {"max_steps": 500}, "data": {"resize": [64, 64]}}``.
+    """
+    nested: dict[str, Any] = {}
+    for pair in assignments:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"assignments: expected KEY=VALUE (e.g. train.max_steps=500); got {pair!r}")
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"assignments {pair!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return nested
+
+
+def merge_dicts(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied: where both hold a mapping under a key the two are merged
+    (recursively); any other value in ``changes`` replaces the one in ``base``. Neither is modified."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def merge_config(
+    cls: type[C],
+    file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    assignments: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    source: str = "overrides",
+) -> C:
+    """A run's config: the class defaults, then ``defaults``, then ``file``, then ``overrides``,
+    then ``assignments`` (each later one wins).
+
+    Args:
+        cls: the config class, e.g. ``VAERunConfig``.
+        file: a YAML or JSON file of the config (errors in it name it); None: none.
+        overrides: a nested mapping of Python values, e.g. ``{"train": {"max_steps": 500},
+            "heldout": Path("2024")}``; paths are kept as their text, never parsed.
+        assignments: ``section.key=value`` strings whose values are parsed as YAML (see
+            :func:`parse_assignments`), e.g. ``["train.learning_rate=2e-4"]``.
+        defaults: whole top-level entries (e.g. ``{"data": {...}}``) used where ``file`` gives
+            none, in place of the class defaults.
+        source: how errors in ``overrides``, ``assignments`` and ``defaults`` name their origin.
+
+    Returns:
+        The validated config (``cls`` loaded from ``file`` itself when nothing else changes it).
+    """
+    given = _read_file(Path(file)) if file is not None else {}
+    config = cls.from_dict(given, source=str(file)) if file is not None else cls()
+    base = config.to_dict()
+    if defaults:
+        base |= {key: _plain(value) for key, value in defaults.items() if key not in given}
+    changes = merge_dicts(_plain(dict(overrides or {})), parse_assignments(assignments))
+    merged = merge_dicts(base, changes)
+    return cls.from_dict(merged, source=source) if merged != config.to_dict() else config
+
+
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _plain(dataclasses.asdict(value))
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):  # a path's plain form is its text
+        return os.fspath(value)
     return value
 
 
@@ -110,6 +200,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if dataclasses.is_dataclass(hint):
         return hint.from_dict(value, source=where)
+    if hint is Path:
+        if not isinstance(value, str | os.PathLike):
+            raise ValueError(f"{where}: expected a path; got {value!r}")
+        return Path(value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{where}: expected a number; got {value!r}")
@@ -139,7 +233,8 @@ class DataConfig(Config):
         window: (low, high) intensity window for ``window`` (CT HU); None means (-1000, 1000).
         per_channel: normalise each channel on its own (RGB).
         flip_axes: spatial axes (array order) flipped at random with probability 1/2.
-        labels: CSV ``path,label`` giving the classes; None uses first-level subfolders.
+        labels: CSV ``path,label`` giving the classes (a path is kept as its text), ``"none"``
+            (unlabelled); None uses first-level subfolders.
         skip_bad: drop unreadable or inconsistent files with a warning instead of stopping.
         seed: seed of every random transform.
     """
@@ -159,6 +254,9 @@ class DataConfig(Config):
 
     def __post_init__(self) -> None:
         from medfusion.data.transforms import NORMALIZATION_MODES
+
+        if isinstance(self.labels, os.PathLike):  # a CSV given as a Path: its text, as from YAML
+            object.__setattr__(self, "labels", os.fspath(self.labels))
 
         if self.normalization not in NORMALIZATION_MODES:
             raise ValueError(

@@ -5,11 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
-from medfusion.config import DataConfig
+from medfusion.config import (
+    Config,
+    DataConfig,
+    load_mapping,
+    merge_config,
+    merge_dicts,
+    parse_assignments,
+)
 
 FULL = DataConfig(
     spacing=(0.5, 0.75, 2.0),
@@ -280,3 +288,115 @@ def test_seeds_out_of_range_are_named(seed):
     with pytest.raises(ValueError, match=r"^train\.seed must be an integer in 0\.\.18446744073709551615"):
         TrainConfig(seed=seed)
     assert DataConfig(seed=2**64 - 1).seed == TrainConfig(seed=2**64 - 1).seed == 2**64 - 1
+
+
+# --- paths in configs ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run(Config):
+    """A run config with a section, a text field holding a folder, a path field and a number."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    heldout: str | None = None
+    folder: Path | None = None
+    steps: int = 10
+
+
+def test_path_fields_take_text_or_paths_and_write_text():
+    config = _Run.from_dict({"folder": "runs/2024"})
+    assert config.folder == Path("runs/2024") and isinstance(config.folder, Path)
+    assert config.to_dict()["folder"] == "runs/2024"
+    assert _Run.from_dict(config.to_dict()) == config
+    assert _Run().replace(folder=Path("x")).folder == Path("x")
+    with pytest.raises(ValueError, match=r"folder: expected a path; got 3"):
+        _Run.from_dict({"folder": 3})
+
+
+def test_a_path_set_on_a_text_field_is_kept_as_its_text():
+    """``replace`` takes Python values: a Path becomes its text, never parsed (``2024``, ``null``)."""
+    assert _Run().replace(heldout=Path("2024")).heldout == "2024"
+    assert _Run().replace(heldout=Path("null")).heldout == "null"
+    assert DataConfig(labels=Path("labels.csv")).labels == "labels.csv"
+    assert DataConfig(labels=Path("labels.csv")) == DataConfig(labels="labels.csv")
+
+
+# --- merging a run config -----------------------------------------------------------------------
+
+
+def test_parse_assignments_nests_keys_and_parses_values_as_yaml():
+    nested = parse_assignments(["data.resize=[8, 8]", "steps=5", "heldout=null", "data.labels=x.csv"])
+    assert nested == {"data": {"resize": [8, 8], "labels": "x.csv"}, "steps": 5, "heldout": None}
+    assert parse_assignments(["steps=1", "steps=2"]) == {"steps": 2}  # the later one wins
+
+
+@pytest.mark.parametrize(
+    ("assignments", "message"),
+    [
+        (["steps"], r"^assignments: expected KEY=VALUE \(e\.g\. train\.max_steps=500\); got 'steps'$"),
+        (["=3"], r"^assignments: expected KEY=VALUE .*; got '=3'$"),
+        (["data=1", "data.seed=2"], r"^assignments 'data\.seed=2': data is not a section$"),
+    ],
+)
+def test_parse_assignments_names_the_bad_one(assignments, message):
+    with pytest.raises(ValueError, match=message):
+        parse_assignments(assignments)
+
+
+def test_merge_dicts_merges_mappings_and_replaces_the_rest():
+    base = {"data": {"seed": 1, "resize": [8, 8]}, "steps": 3}
+    merged = merge_dicts(base, {"data": {"seed": 2}, "steps": {"a": 1}})
+    assert merged == {"data": {"seed": 2, "resize": [8, 8]}, "steps": {"a": 1}}
+    assert base == {"data": {"seed": 1, "resize": [8, 8]}, "steps": 3}  # unchanged
+
+
+def test_merge_config_order(tmp_path):
+    """Class defaults < defaults (where the file gives no entry) < file < overrides < assignments."""
+    file = tmp_path / "run.yaml"
+    file.write_text("steps: 20\ndata:\n  seed: 4\n", encoding="utf-8")
+    defaults = {"data": {"seed": 7, "normalization": "minmax"}, "heldout": "from-defaults"}
+    assert merge_config(_Run) == _Run()
+    assert merge_config(_Run, file) == _Run(steps=20, data=DataConfig(seed=4))
+    assert merge_config(_Run, defaults=defaults) == _Run(
+        data=DataConfig(seed=7, normalization="minmax"), heldout="from-defaults"
+    )
+    config = merge_config(
+        _Run,
+        file,
+        overrides={"steps": 30, "data": {"labels": Path("l.csv")}, "heldout": Path("2024")},
+        assignments=["steps=40", "data.resize=[8, 8]"],
+        defaults=defaults,
+    )
+    assert config == _Run(data=DataConfig(seed=4, labels="l.csv", resize=(8, 8)), heldout="2024", steps=40)
+
+
+def test_merge_config_keeps_override_paths_as_text_and_yaml_null_as_none(tmp_path):
+    assert merge_config(_Run, overrides={"heldout": Path("null")}).heldout == "null"
+    file = tmp_path / "run.yaml"
+    file.write_text("heldout: null\n", encoding="utf-8")
+    assert merge_config(_Run, file).heldout is None
+    assert merge_config(_Run, file, overrides={"heldout": Path("2024")}).heldout == "2024"
+
+
+def test_merge_config_errors_name_their_source(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("stepz: 1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{file}: unknown key(s) ['stepz']")):
+        merge_config(_Run, file)
+    with pytest.raises(ValueError, match=r"^command line: unknown key\(s\) \['nonsense'\]"):
+        merge_config(_Run, assignments=["nonsense=1"], source="command line")
+    with pytest.raises(ValueError, match=r"^overrides: steps: expected an integer; got 'many'"):
+        merge_config(_Run, overrides={"steps": "many"})
+    with pytest.raises(ValueError, match="cannot read config"):
+        merge_config(_Run, tmp_path / "missing.yaml")
+
+
+def test_load_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  seed: 1\n", encoding="utf-8")
+    assert load_mapping(path) == {"data": {"seed": 1}}
+    path.write_text("", encoding="utf-8")
+    assert load_mapping(path) == {}
+    path.write_text("- 1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: expected a mapping at the top level; got list")):
+        load_mapping(path)

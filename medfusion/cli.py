@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from medfusion import __version__
@@ -50,20 +51,23 @@ def _data_demo(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from medfusion.demo import run_demo
     from medfusion.metrics.evaluate import class_line, headline
+    from medfusion.workflows.demo import run_demo
 
-    result = run_demo(
-        args.out,
-        three_d=args.three_d,
-        dataset=args.dataset,
-        minutes=args.minutes,
-        data_dir=args.data_dir,
-        device=args.device,
-        force=args.force,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    phrases = {f"out {args.out}": f"--out {args.out}", "force=True": "--force", "three_d=True": "--3d"}
+    phrases |= {f"{name} ": f"--{name} " for name in ("dataset", "minutes", "device")}
+    with _naming_options(phrases):
+        result = run_demo(
+            args.out,
+            three_d=args.three_d,
+            dataset=args.dataset,
+            minutes=args.minutes,
+            data_dir=args.data_dir,
+            device=args.device,
+            force=args.force,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
     print(f"\ndemo finished in {result.seconds / 60:.1f} min")
     print(f"  {headline(result.metrics)}")
     for label, values in result.metrics["per_class"].items():
@@ -120,100 +124,111 @@ _non_negative_int = _int_at_least(0)
 _positive_int = _int_at_least(1)
 
 
-def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--max-pixels",
-        type=_positive_int,
-        metavar="N",
-        help="refuse images/volumes of more than N pixels/voxels before decoding them (default 2**28; "
+def _labels(text: str) -> str | Path:
+    """An ``argparse`` type: a labels CSV (a path), or the words ``none`` and ``folders`` as they are."""
+    return text if text in ("none", "folders") else Path(text)
+
+
+# Options that several commands take, each declared once; a command adds its own help or default.
+_OPTIONS: dict[str, dict] = {
+    "--out": {"type": Path, "required": True, "metavar": "DIR"},
+    "--data": {"type": Path, "required": True, "metavar": "DATA"},
+    "--vae": {"type": Path, "required": True, "metavar": "RUN/vae"},
+    "--labels": {
+        "type": _labels,
+        "metavar": "CSV",
+        "help": "CSV with columns path,label ('none': unlabelled)",
+    },
+    "--skip-bad": {"action": "store_true", "help": "leave out bad files with a warning"},
+    "--max-pixels": {
+        "type": _positive_int,
+        "metavar": "N",
+        "help": "refuse images/volumes of more than N pixels/voxels before decoding them (default 2**28; "
         "also $MEDFUSION_MAX_PIXELS)",
-    )
+    },
+    "--batch-size": {"type": int},
+    "--seed": {"type": _seed, "default": 0},
+    "--device": {"help": "cpu, cuda, cuda:1 ... (default: CUDA when available)"},
+    "--dry-run": {"action": "store_true", "help": "print the resolved config and stop"},
+    "--force": {"action": "store_true"},
+    "--quiet": {"action": "store_true", "help": "no progress bars"},
+}
 
 
-def _parse_overrides(pairs: Sequence[str]) -> dict:
-    """``section.key=value`` pairs (values parsed as YAML) as a nested dict."""
-    import yaml
-
-    nested: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE (e.g. train.max_steps=500); got {pair!r}")
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {pair}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return nested
+def _option(parser: argparse.ArgumentParser, flag: str, **changes) -> None:
+    """Add the shared option ``flag`` (see ``_OPTIONS``) with this command's ``changes`` (help, default)."""
+    parser.add_argument(flag, **{**_OPTIONS[flag], **changes})
 
 
-def _merge(base: dict, changes: dict) -> dict:
-    merged = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+@contextlib.contextmanager
+def _naming_options(phrases: Mapping[str, str]) -> Iterator[None]:
+    """Re-word the library's errors about arguments (``ValueError``, and the folder errors
+    ``FileExistsError`` and ``NotADirectoryError``) for the command line: each library phrase (an
+    argument as a Python caller names it, e.g. ``fake /data/x``) becomes its option's
+    (``--fake /data/x``)."""
+    try:
+        yield
+    except (ValueError, FileExistsError, NotADirectoryError) as e:
+        text = str(e)
+        for phrase, option in phrases.items():
+            text = text.replace(phrase, option)
+        if text == str(e):
+            raise
+        raise type(e)(text) from e
 
 
-def _run_config(cls, args: argparse.Namespace, saved: Path, defaults: dict | None = None):
-    """The run config: ``--config`` (or, with ``--resume``, the run's saved config), then the
-    command-line options and ``--set`` overrides; ``defaults`` fill sections the YAML leaves out."""
-    import yaml
+def _given(options: Mapping) -> dict:
+    """``options`` without the ones not given (None) and without empty sections."""
+    kept = {k: _given(v) if isinstance(v, Mapping) else v for k, v in options.items()}
+    return {k: v for k, v in kept.items() if v is not None and v != {}}
 
-    config_path = args.config
-    if config_path is None and args.resume and saved.is_file():
-        config_path = saved
+
+def _training_config(cls, args: argparse.Namespace, saved: Path, defaults: dict | None = None, **own):
+    """The run config of a training command (:func:`medfusion.config.merge_config`): ``--config``
+    (or, with ``--resume``, the run's saved config), the options, then ``--set``. ``own``: the
+    command's own top-level options (None: not given); ``defaults``: sections the YAML leaves out."""
+    from medfusion.config import merge_config
+
+    file = args.config
+    if file is None and args.resume and saved.is_file():
+        file = saved
         print(f"# resuming with the run's own config {saved}")
-    config = cls.load(config_path) if config_path is not None else cls()
-    base = config.to_dict()
-    if defaults:
-        given = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) if config_path else None
-        given = given if isinstance(given, dict) else {}
-        base |= {key: value for key, value in defaults.items() if key not in given}
-    overrides: dict = {}
-    for key, value in (("max_steps", args.max_steps), ("batch_size", args.batch_size)):
-        if value is not None:
-            overrides.setdefault("train", {})[key] = value
-    if args.mixed_precision is not None:
-        overrides.setdefault("train", {})["mixed_precision"] = args.mixed_precision
-    if args.labels is not None:
-        overrides.setdefault("data", {})["labels"] = args.labels
-    if args.skip_bad:
-        overrides.setdefault("data", {})["skip_bad"] = True
-    overrides = _merge(overrides, _parse_overrides(args.set))
-    merged = _merge(base, overrides)
-    return cls.from_dict(merged, source="command line") if merged != config.to_dict() else config
+    options = {
+        "train": {key: getattr(args, key) for key in ("max_steps", "batch_size", "mixed_precision")},
+        "data": {"labels": args.labels, "skip_bad": args.skip_bad or None},
+        **own,
+    }
+    with _naming_options({"assignments: expected": "--set expects", "assignments ": "--set "}):
+        return merge_config(cls, file, _given(options), args.set, defaults, source="command line")
 
 
 def _train_vae(args: argparse.Namespace) -> int:
     from medfusion.training.vae import VAERunConfig, train_vae
 
-    if args.heldout is not None:
-        args.set = [f"heldout={args.heldout}", *args.set]
-    config = _run_config(VAERunConfig, args, args.out / "config.yaml")
+    config = _training_config(VAERunConfig, args, args.out / "config.yaml", heldout=args.heldout)
     train_vae(args.data, args.out, config, resume=args.resume, dry_run=args.dry_run, progress=not args.quiet)
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    import yaml
+def _vae_run_data(vae: Path) -> dict:
+    """The data section of the VAE run's config (its size, normalisation ...), ``train``'s default."""
+    from medfusion.config import load_mapping
 
+    saved = vae.parent / "config.yaml"
+    run = load_mapping(saved) if saved.is_file() else {}
+    if not isinstance(run.get("data"), dict):
+        return {}
+    print(f"# data settings from the VAE run {saved} (a data: section in --config wins)")
+    return {"data": run["data"]}
+
+
+def _train(args: argparse.Namespace) -> int:
     from medfusion.training.diffusion import DIFFUSION_DIR, DiffusionRunConfig, train_diffusion
 
-    defaults = {}
-    vae_run_config = args.vae.parent / "config.yaml"
-    if vae_run_config.is_file():  # the VAE run's data settings (size, normalisation) by default
-        saved = yaml.safe_load(vae_run_config.read_text(encoding="utf-8")) or {}
-        if isinstance(saved, dict) and isinstance(saved.get("data"), dict):
-            defaults["data"] = saved["data"]
-            print(f"# data settings from the VAE run {vae_run_config} (a data: section in --config wins)")
-    if args.cache_latents:
-        args.set = ["cache_latents=true", *args.set]
-    config = _run_config(DiffusionRunConfig, args, args.out / DIFFUSION_DIR / "config.yaml", defaults)
+    saved, defaults = args.out / DIFFUSION_DIR / "config.yaml", _vae_run_data(args.vae)
+    config = _training_config(
+        DiffusionRunConfig, args, saved, defaults, cache_latents=args.cache_latents or None
+    )
     train_diffusion(
         args.data,
         args.vae,
@@ -226,12 +241,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
+def _sampler_config(args: argparse.Namespace):
+    """The sampler settings of ``sample``; errors name the options."""
     from medfusion.samplers.schedulers import SamplerConfig
-    from medfusion.samplers.synthetic import write_synthetic_dataset
 
     try:
-        sampler = SamplerConfig(
+        return SamplerConfig(
             name=args.sampler,
             steps=args.steps,
             guidance_scale=args.guidance,
@@ -242,108 +257,73 @@ def _sample(args: argparse.Namespace) -> int:
     except ValueError as e:
         options = "--sampler, --steps, --guidance, --guidance-rescale, --eta, --karras-sigmas"
         raise ValueError(f"sampler settings ({options}): {e}") from e
-    result = write_synthetic_dataset(
-        args.model,
-        args.out,
-        n=args.n,
-        class_labels=args.class_label,
-        sampler=sampler,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        device=args.device,
-        slab=args.decode_slab,
-        channels_last=args.channels_last,
-        compile_mode=args.compile,
-        progress=not args.quiet,
-        dry_run=args.dry_run,
-    )
-    if not args.dry_run and result.written + result.kept:
-        from medfusion.utils import process_state
 
-        if process_state().is_main_process:
-            rate = result.written / result.seconds if result.seconds > 0 else 0.0
-            print(
-                f"wrote {result.written} new sample(s) ({result.kept} kept from before) in "
-                f"{result.seconds:.1f} s ({rate:.2f} images/s); {result.total} in {result.path}"
-            )
+
+def _sample(args: argparse.Namespace) -> int:
+    from medfusion.samplers.synthetic import write_synthetic_dataset
+    from medfusion.utils import process_state
+
+    result = write_synthetic_dataset(
+        args.model, args.out, n=args.n, class_labels=args.class_label, sampler=_sampler_config(args),
+        seed=args.seed, batch_size=args.batch_size, precision=args.precision, device=args.device,
+        slab=args.decode_slab, channels_last=args.channels_last, compile_mode=args.compile,
+        progress=not args.quiet, dry_run=args.dry_run,
+    )  # fmt: skip
+    if not args.dry_run and result.written + result.kept and process_state().is_main_process:
+        rate = result.written / result.seconds if result.seconds > 0 else 0.0
+        print(
+            f"wrote {result.written} new sample(s) ({result.kept} kept from before) in "
+            f"{result.seconds:.1f} s ({rate:.2f} images/s); {result.total} in {result.path}"
+        )
     return 0
 
 
 def _features_train(args: argparse.Namespace) -> int:
     from medfusion.training.features import FeaturesRunConfig, train_domain_encoder
 
-    config = _run_config(FeaturesRunConfig, args, args.out / "config.yaml")
+    config = _training_config(FeaturesRunConfig, args, args.out / "config.yaml")
     train_domain_encoder(
         args.data, args.out, config, resume=args.resume, dry_run=args.dry_run, progress=not args.quiet
     )
     return 0
 
 
+def _evaluate_phrases(args: argparse.Namespace) -> dict[str, str]:
+    """How the library names ``evaluate``'s folders and extractor in errors, and the options' names."""
+    phrases = {
+        f"{name} {value}": f"--{name} {value}"
+        for name, value in (("real", args.real), ("fake", args.fake), ("train", args.train))
+        if value is not None
+    }
+    if args.features is not None:
+        phrases[f"features {args.features!r}"] = f"--features {args.features!r}"
+    return phrases
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from medfusion.config import DataConfig
-    from medfusion.metrics.evaluate import evaluate
-    from medfusion.metrics.features import ENCODER_DIR, load_extractor
+    from medfusion.workflows.evaluate import run_evaluate
 
-    device = args.device or "cpu"
+    if args.tstr and args.train is None:
+        raise ValueError("--tstr needs --train (the real training images the classifier is compared on)")
     data = DataConfig(
         normalization=args.normalization,
         resize=tuple(args.size) if args.size else None,
         labels=args.labels,
         skip_bad=args.skip_bad,
     )
-    features = args.features
-    if features is None:  # the default: a domain encoder trained on the real images, kept in OUT
-        from medfusion.training.features import FeaturesRunConfig, train_domain_encoder
+    classifier = None
+    if args.tstr_steps:
+        from medfusion.downstream import ClassifierConfig
 
-        features = args.out / "features"
-        if not (features / ENCODER_DIR / "config.json").is_file():
-            print(f"# no --features: training a domain encoder on {args.real} into {features}")
-            from medfusion.data.discovery import discover
-
-            config = FeaturesRunConfig(data=data)
-            train_settings = config.train.to_dict()
-            if args.feature_steps is not None:
-                train_settings["max_steps"] = args.feature_steps
-            real_count = len(discover(args.real, args.labels).samples)
-            if real_count < train_settings["batch_size"]:  # a small real set: one batch holds it all
-                train_settings["batch_size"] = max(2, real_count)
-            config = config.replace(train=train_settings)
-            train_domain_encoder(
-                args.real,
-                features,
-                config,
-                resume=(features / "checkpoints").is_dir(),
-                progress=not args.quiet,
-            )
-    utility = None
-    if args.tstr:  # the classifier is trained above metrics/: evaluate only keeps its numbers
-        from medfusion.downstream import ClassifierConfig, tstr
-
-        if args.train is None:
-            raise ValueError("--tstr needs --train (the real training images the classifier is compared on)")
-        config = ClassifierConfig(max_steps=args.tstr_steps) if args.tstr_steps else ClassifierConfig()
-        print(f"# --tstr: a classifier trained on {args.fake} and on {args.train}, tested on {args.real}")
-        utility = tstr(
-            args.train, args.fake, args.real, data, config, seeds=tuple(range(args.tstr_seeds)),
-            device=device, progress=not args.quiet,
+        classifier = ClassifierConfig(max_steps=args.tstr_steps)
+    with _naming_options(_evaluate_phrases(args)):
+        run_evaluate(
+            args.real, args.fake, args.out, features=args.features, train=args.train, data=data,
+            feature_steps=args.feature_steps, tstr=args.tstr, tstr_seeds=range(args.tstr_seeds),
+            classifier=classifier, calibrate=args.calibrate, resamples=args.resamples, level=args.level,
+            seed=args.seed, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
         )  # fmt: skip
-    extractor = load_extractor(features, device)
-    evaluate(
-        args.real,
-        args.fake,
-        args.out,
-        extractor,
-        train=args.train,
-        data=data,
-        batch_size=args.batch_size,
-        device=device,
-        progress=not args.quiet,
-        utility=utility,
-        calibrate=args.calibrate,
-        seed=args.seed,
-        **{k: getattr(args, k) for k in ("resamples", "level") if getattr(args, k) is not None},
-    )
     return 0
 
 
@@ -355,7 +335,7 @@ def _evaluate_vae(args: argparse.Namespace) -> int:
         args.data,
         max_images=args.max_images,
         batch_size=args.batch_size,
-        device=args.device or "cpu",
+        device=args.device,
         progress=not args.quiet,
     )
     text = json.dumps(metrics, indent=2) + "\n"
@@ -368,17 +348,17 @@ def _evaluate_vae(args: argparse.Namespace) -> int:
 
 
 def _add_training_options(parser: argparse.ArgumentParser, sections: str) -> None:
-    parser.add_argument("--data", type=Path, required=True, metavar="DATA", help="training images/volumes")
+    _option(parser, "--data", help="training images/volumes")
     parser.add_argument("--config", type=Path, metavar="YAML", help=f"config with sections {sections}")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest valid checkpoint in RUN"
     )
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
-    parser.add_argument("--labels", metavar="CSV", help="CSV with columns path,label ('none': unlabelled)")
-    parser.add_argument("--skip-bad", action="store_true", help="leave out bad files with a warning")
-    _add_max_pixels(parser)
+    _option(parser, "--dry-run")
+    _option(parser, "--labels")
+    _option(parser, "--skip-bad")
+    _option(parser, "--max-pixels")
     parser.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
-    parser.add_argument("--batch-size", type=int, help="images per process and step (train.batch_size)")
+    _option(parser, "--batch-size", help="images per process and step (train.batch_size)")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="train.mixed_precision")
     parser.add_argument(
         "--set",
@@ -387,16 +367,10 @@ def _add_training_options(parser: argparse.ArgumentParser, sections: str) -> Non
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.learning_rate=2e-4 (repeatable)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _option(parser, "--quiet")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medfusion", description="Latent diffusion for medical image synthesis, 2D and 3D."
-    )
-    parser.add_argument("--version", action="version", version=f"medfusion {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_data_parsers(commands) -> None:
     data = commands.add_parser("data", help="inspect datasets, prepare the demo data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
@@ -410,23 +384,32 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "data", type=Path, metavar="DATA", help="folder of images/volumes (DATA/<class>/...)"
     )
-    inspect.add_argument("--labels", metavar="CSV", help="CSV with columns path,label ('none': unlabelled)")
-    inspect.add_argument("--skip-bad", action="store_true", help="report bad files but call the rest usable")
+    _option(inspect, "--labels")
+    _option(inspect, "--skip-bad", help="report bad files but call the rest usable")
     inspect.add_argument(
         "--headers-only", action="store_true", help="read headers only (fast; no value ranges)"
     )
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the summary as JSON")
-    _add_max_pixels(inspect)
-    inspect.add_argument("--quiet", action="store_true", help="no progress bar")
+    _option(inspect, "--max-pixels")
+    _option(inspect, "--quiet", help="no progress bar")
     inspect.set_defaults(run=_data_inspect)
+    _add_data_demo_parser(data_commands)
 
+
+def _add_data_demo_parser(data_commands) -> None:
     demo = data_commands.add_parser(
         "demo",
         help="write the demo datasets cut from real images shipped in PyPI packages",
         description="Cut the bundled real medical images (pydicom-data, scikit-image) into small "
         'class-labelled crops. Needs the demo extra: pip install "medfusion[demo]".',
     )
-    demo.add_argument("--out", type=Path, help="target folder (default: ~/.cache/medfusion/demo-data)")
+    _option(
+        demo,
+        "--out",
+        required=False,
+        metavar=None,
+        help="target folder (default: ~/.cache/medfusion/demo-data)",
+    )
     demo.add_argument("--crop-size", type=int, default=64, help="crop side in pixels (default 64)")
     demo.add_argument("--per-class", type=int, default=80, help="crops per class (default 80)")
     demo.add_argument(
@@ -435,24 +418,28 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("xray", "color", "volumes"),
         help="which datasets to build (default: all): xray, color (2D), volumes (3D)",
     )
-    demo.add_argument("--seed", type=_seed, default=0, help="seed of the crop positions")
-    demo.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    _option(demo, "--seed", help="seed of the crop positions")
+    _option(demo, "--force", help="rebuild even if the folder is complete")
+    _option(demo, "--quiet", help="no progress bar")
     demo.set_defaults(run=_data_demo)
 
-    from medfusion.demo import DATASET_3D, DATASETS_2D, DEFAULT_MINUTES
+
+def _add_demo_parser(commands) -> None:
+    from medfusion.workflows.demo import DATASET_3D, DATASETS_2D, DEFAULT_MINUTES
 
     demo_run = commands.add_parser(
         "demo",
         help="the whole pipeline on the bundled real data, ending in an HTML report",
         description="Build the bundled demo data, inspect it, train the VAE and the class-conditional "
         "latent diffusion U-Net, sample a synthetic dataset, train the domain feature extractor and "
-        "evaluate: OUT/report.html. The training stages are planned to fit --minutes on this machine "
-        '(small models on a CPU, larger ones on a GPU). Needs the demo extra: pip install "medfusion[demo]".',
+        "evaluate: OUT/report.html. Every stage is planned to its share of --minutes on this machine "
+        "and ends by its deadline (small models on a CPU, larger ones on a GPU). Needs the demo extra: "
+        'pip install "medfusion[demo]".',
     )
-    demo_run.add_argument(
-        "--out", type=Path, default=Path("medfusion-demo"), help="run folder (default: ./medfusion-demo)"
-    )
+    _option(
+        demo_run, "--out", required=False, metavar=None, default=Path("medfusion-demo"),
+        help="run folder (default: ./medfusion-demo)",
+    )  # fmt: skip
     demo_run.add_argument(
         "--3d", dest="three_d", action="store_true", help=f"the 3D demo ({DATASET_3D}: MRI volumes)"
     )
@@ -465,17 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--minutes",
         type=float,
         default=DEFAULT_MINUTES,
-        help=f"time budget the training is planned to (default {DEFAULT_MINUTES:g})",
+        help=f"time budget of the whole run, kept on any machine (default {DEFAULT_MINUTES:g})",
     )
     demo_run.add_argument(
         "--data-dir", type=Path, help="demo data cache (default: ~/.cache/medfusion/demo-data)"
     )
-    demo_run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    demo_run.add_argument("--seed", type=_seed, default=0, help="seed of the data, training and sampling")
-    demo_run.add_argument("--force", action="store_true", help="replace an earlier demo run in --out")
-    demo_run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _option(demo_run, "--device")
+    _option(demo_run, "--seed", help="seed of the data, training and sampling")
+    _option(demo_run, "--force", help="replace an earlier demo run in --out")
+    _option(demo_run, "--quiet")
     demo_run.set_defaults(run=_demo)
 
+
+def _add_training_parsers(commands) -> None:
     vae = commands.add_parser(
         "train-vae",
         help="train the autoencoder that maps images/volumes to latents",
@@ -484,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "RUN/vae_eval.json (PSNR, SSIM, MS-SSIM on held-out images). Multi-GPU: "
         "accelerate launch -m medfusion train-vae ...",
     )
-    vae.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
+    _option(vae, "--out", metavar="RUN", help="run folder")
     vae.add_argument("--heldout", type=Path, metavar="DIR", help="held-out images for the evaluation")
     _add_training_options(vae, "data, model, loss, train")
     vae.set_defaults(run=_train_vae)
@@ -497,10 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         "grids of class-conditional samples) and, at the end, the model folder RUN/model. Data settings "
         "default to those of the VAE run. Multi-GPU: accelerate launch -m medfusion train ...",
     )
-    diffusion.add_argument(
-        "--vae", type=Path, required=True, metavar="RUN/vae", help="the VAE folder written by train-vae"
-    )
-    diffusion.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
+    _option(diffusion, "--vae", help="the VAE folder written by train-vae")
+    _option(diffusion, "--out", metavar="RUN", help="run folder")
     diffusion.add_argument(
         "--cache-latents",
         action="store_true",
@@ -509,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(diffusion, "data, model, diffusion, train, preview")
     diffusion.set_defaults(run=_train)
 
+
+def _add_features_parsers(commands) -> None:
     features = commands.add_parser("features", help="feature extractors of the evaluators")
     features_commands = features.add_subparsers(dest="features_command", required=True, metavar="ACTION")
     features_train = features_commands.add_parser(
@@ -518,10 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the classes when there are any). Writes FEAT/encoder (config.json + safetensors), used by "
         "medfusion evaluate --features FEAT, and FEAT/checkpoints, FEAT/logs, FEAT/config.yaml.",
     )
-    features_train.add_argument("--out", type=Path, required=True, metavar="FEAT", help="run folder")
-    _add_training_options(features_train, "data, model, train, image_size, temperature, class_weight")
+    _option(features_train, "--out", metavar="FEAT", help="run folder")
+    _add_training_options(features_train, "data, model, train, temperature, class_weight")
     features_train.set_defaults(run=_features_train)
 
+
+def _add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="compare synthetic with real images: FID, KID, precision/recall, diversity, memorisation",
@@ -535,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fake", type=Path, required=True, help="synthetic images (a medfusion sample folder)"
     )
     evaluate.add_argument("--train", type=Path, help="the generator's training images: memorisation audit")
-    evaluate.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder")
+    _option(evaluate, "--out", help="report folder")
     evaluate.add_argument(
         "--features",
         help="FEAT (from medfusion features train), 'inception', 'torchvision:NAME[@FILE]', "
@@ -549,11 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--normalization", default="auto", help="intensity normalisation of every folder (default auto)"
     )
-    evaluate.add_argument("--labels", metavar="CSV", help="labels CSV for REAL ('none': unlabelled)")
-    evaluate.add_argument(
-        "--skip-bad", action="store_true", help="leave unreadable files out of every folder (with a warning)"
-    )
-    _add_max_pixels(evaluate)
+    _option(evaluate, "--labels", help="labels CSV for REAL ('none': unlabelled)")
+    _option(evaluate, "--skip-bad", help="leave unreadable files out of every folder (with a warning)")
+    _option(evaluate, "--max-pixels")
+    _add_evaluate_extras(evaluate)
+    _option(evaluate, "--batch-size", default=32)
+    _option(evaluate, "--device", default="cpu", help="e.g. cuda (default cpu)")
+    _option(evaluate, "--quiet")
+    evaluate.set_defaults(run=_evaluate)
+
+
+def _add_evaluate_extras(evaluate: argparse.ArgumentParser) -> None:
+    from medfusion.metrics.evaluate import BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES
+
     evaluate.add_argument(
         "--tstr",
         action="store_true",
@@ -575,36 +574,38 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--resamples",
         type=_non_negative_int,
-        help="half-samples per interval (default 200, fewer for large sets; 0: no intervals)",
+        default=BOOTSTRAP_RESAMPLES,
+        help=f"half-samples per interval (default {BOOTSTRAP_RESAMPLES}, fewer for large sets; "
+        "0: no intervals)",
     )
-    evaluate.add_argument("--level", type=float, help="of the intervals, in (0, 1) (default 0.9)")
     evaluate.add_argument(
-        "--seed", type=_seed, default=0, help="of the reference draws, intervals and calibration (default 0)"
+        "--level",
+        type=float,
+        default=BOOTSTRAP_LEVEL,
+        help=f"of the intervals, in (0, 1) (default {BOOTSTRAP_LEVEL:g})",
     )
-    evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--device", help="e.g. cuda (default cpu)")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
-    evaluate.set_defaults(run=_evaluate)
+    _option(evaluate, "--seed", help="of the reference draws, intervals and calibration (default 0)")
 
+
+def _add_evaluate_vae_parser(commands) -> None:
     evaluate_vae = commands.add_parser(
         "evaluate-vae",
         help="reconstruction metrics of a trained VAE on a folder of images",
         description="PSNR, SSIM and MS-SSIM of the VAE's posterior-mean reconstructions of DATA (data "
         "settings from the VAE run's config.yaml). Prints JSON; --out also writes it.",
     )
-    evaluate_vae.add_argument("--vae", type=Path, required=True, metavar="RUN/vae", help="the trained VAE")
-    evaluate_vae.add_argument("--data", type=Path, required=True, help="images to reconstruct (held out)")
-    evaluate_vae.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON here")
+    _option(evaluate_vae, "--vae", help="the trained VAE")
+    _option(evaluate_vae, "--data", metavar=None, help="images to reconstruct (held out)")
+    _option(evaluate_vae, "--out", required=False, metavar="FILE", help="also write the JSON here")
     evaluate_vae.add_argument("--max-images", type=int, default=1000)
-    _add_max_pixels(evaluate_vae)
-    evaluate_vae.add_argument("--batch-size", type=int, default=16)
-    evaluate_vae.add_argument("--device", help="e.g. cuda (default cpu)")
-    evaluate_vae.add_argument("--quiet", action="store_true", help="no progress bar")
+    _option(evaluate_vae, "--max-pixels")
+    _option(evaluate_vae, "--batch-size", default=16)
+    _option(evaluate_vae, "--device", default="cpu", help="e.g. cuda (default cpu)")
+    _option(evaluate_vae, "--quiet", help="no progress bar")
     evaluate_vae.set_defaults(run=_evaluate_vae)
 
-    from medfusion.samplers.schedulers import DEFAULT_STEPS, SAMPLERS
-    from medfusion.utils import COMPILE_MODES
 
+def _add_sample_parser(commands) -> None:
     sample = commands.add_parser(
         "sample",
         help="write a synthetic dataset from a trained model folder",
@@ -617,13 +618,27 @@ def build_parser() -> argparse.ArgumentParser:
         "model", type=Path, metavar="MODEL", help="model folder (RUN/model from medfusion train)"
     )
     sample.add_argument("--n", "--num-samples", dest="n", type=int, required=True, help="samples per class")
-    sample.add_argument("--out", type=Path, required=True, metavar="DIR", help="synthetic dataset folder")
+    _option(sample, "--out", help="synthetic dataset folder")
     sample.add_argument(
         "--class-label",
         action="append",
         metavar="NAME",
         help="class to sample (repeatable); 'all' (default) or 'none' (unconditional)",
     )
+    _add_sampler_options(sample)
+    _option(sample, "--seed", help="seed of sample 0 (sample i: SEED+i)")
+    _option(sample, "--batch-size", default=16, help="samples per batch and process (default 16)")
+    sample.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network precision")
+    _option(sample, "--device", help="e.g. cpu, cuda:1 (default: this process's GPU, else CPU)")
+    _add_speed_options(sample)
+    _option(sample, "--dry-run", help="check everything, print the plan, write nothing")
+    _option(sample, "--quiet", help="no progress bar")
+    sample.set_defaults(run=_sample)
+
+
+def _add_sampler_options(sample: argparse.ArgumentParser) -> None:
+    from medfusion.samplers.schedulers import DEFAULT_STEPS, SAMPLERS
+
     sample.add_argument(
         "--sampler",
         default="dpmpp-2m",
@@ -644,12 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Karras et al.'s noise levels (dpmpp-2m, euler, heun, unipc): DPM++ 2M Karras",
     )
-    sample.add_argument("--seed", type=_seed, default=0, help="seed of sample 0 (sample i: SEED+i)")
-    sample.add_argument(
-        "--batch-size", type=int, default=16, help="samples per batch and process (default 16)"
-    )
-    sample.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network precision")
-    sample.add_argument("--device", help="e.g. cpu, cuda:1 (default: this process's GPU, else CPU)")
+
+
+def _add_speed_options(sample: argparse.ArgumentParser) -> None:
+    from medfusion.utils import COMPILE_MODES
+
     sample.add_argument(
         "--decode-slab", type=int, metavar="PLANES", help="decode volumes PLANES latent slices at a time"
     )
@@ -660,11 +674,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODE",
         help=f"torch.compile the U-Net: {', '.join(COMPILE_MODES)} (GPU speed; compiles on the first batch)",
     )
-    sample.add_argument(
-        "--dry-run", action="store_true", help="check everything, print the plan, write nothing"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medfusion`` argument parser: one subcommand per step of the pipeline."""
+    parser = argparse.ArgumentParser(
+        prog="medfusion", description="Latent diffusion for medical image synthesis, 2D and 3D."
     )
-    sample.add_argument("--quiet", action="store_true", help="no progress bar")
-    sample.set_defaults(run=_sample)
+    parser.add_argument("--version", action="version", version=f"medfusion {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data_parsers(commands)
+    _add_demo_parser(commands)
+    _add_training_parsers(commands)
+    _add_features_parsers(commands)
+    _add_evaluate_parser(commands)
+    _add_evaluate_vae_parser(commands)
+    _add_sample_parser(commands)
     return parser
 
 

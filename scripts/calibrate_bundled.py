@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from medfusion.data.demo import build_demo_data
-from medfusion.demo import PROFILES
 from medfusion.metrics.evaluate import evaluate
 from medfusion.metrics.features import load_extractor
 from medfusion.training.features import VALIDATION_FILE, FeaturesRunConfig, train_domain_encoder
+from medfusion.workflows.demo import PROFILES
 
 
 def main() -> None:

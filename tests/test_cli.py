@@ -176,3 +176,135 @@ def test_os_errors_are_one_line_naming_the_path(small_folder, tmp_path, capsys, 
     assert len(err) == 1
     assert err[0].startswith(f"medfusion: error: {target}: cannot write: No space left on device")
     assert not target.exists() and list(tmp_path.glob(".s.json*")) == []
+
+
+# --------------------------------------------------------------------------------------------
+# shared options, paths that stay paths, library errors in the command line's words
+
+
+def _subparsers(parser, prefix=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _subparsers(sub, (*prefix, name))
+
+
+SHARED = {
+    ("data", "inspect"): {"--quiet", "--labels", "--skip-bad", "--max-pixels"},
+    ("data", "demo"): {"--quiet", "--seed", "--force", "--out"},
+    ("demo",): {"--quiet", "--device", "--seed", "--force", "--out"},
+    ("train-vae",): {"--quiet", "--config", "--resume", "--dry-run", "--labels", "--batch-size", "--heldout"},
+    ("train",): {"--quiet", "--config", "--resume", "--dry-run", "--vae", "--set", "--cache-latents"},
+    ("features", "train"): {"--quiet", "--config", "--resume", "--dry-run", "--data", "--out"},
+    ("evaluate",): {"--quiet", "--device", "--seed", "--batch-size", "--labels", "--skip-bad", "--features"},
+    ("evaluate-vae",): {"--quiet", "--device", "--batch-size", "--vae", "--data", "--max-pixels"},
+    ("sample",): {"--quiet", "--device", "--seed", "--batch-size", "--dry-run", "--out"},
+}
+
+
+def test_every_command_lists_its_shared_options_in_its_help(capsys):
+    from medfusion.cli import build_parser
+
+    commands = dict(_subparsers(build_parser()))
+    assert set(SHARED) <= set(commands)
+    for path, options in SHARED.items():
+        help_text = commands[path].format_help()
+        assert all(option in help_text for option in options), (path, options)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert all(name in top for name in ("data", "demo", "train-vae", "evaluate", "sample"))
+
+
+def test_shared_options_are_declared_once():
+    """--quiet, --device, --seed, --dry-run ... come from one declaration, not one per command."""
+    import inspect
+    import re
+
+    import medfusion.cli as cli
+
+    source = inspect.getsource(cli)
+    for option in ("--quiet", "--device", "--seed", "--dry-run", "--labels", "--skip-bad", "--batch-size"):
+        assert len(re.findall(rf'add_argument\(\s*"{option}"', source)) == 0, option
+        assert source.count(f'"{option}": {{') == 1, option
+
+
+@pytest.fixture
+def crops(tmp_path: Path) -> Path:
+    """16x16 grey images, 4 per class, and an unlabelled held-out folder named 2024."""
+    rng = np.random.default_rng(0)
+    for folder in ("data/a", "data/b", "2024"):
+        for i in range(4):
+            write_image(tmp_path / folder / f"{i}.png", rng.integers(0, 255, (1, 16, 16), dtype=np.uint8))
+    return tmp_path / "data"
+
+
+VAE_TINY = ["--set", "model.block_out_channels=[4, 8]", "--set", "model.norm_num_groups=4", "--quiet"]
+
+
+def _resolved(out: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(out.split("# data:")[0].split("resolved config", 1)[-1].split("\n", 1)[-1])
+
+
+def test_heldout_is_a_path_not_yaml(crops, tmp_path, monkeypatch, capsys):
+    """``--heldout 2024`` names the folder 2024 (YAML would read the year); ``--heldout null`` the
+    folder null, which does not exist: an error naming it, not a silent fraction."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["train-vae", "--data", str(crops), "--out", "run", "--dry-run", *VAE_TINY]
+    assert main([*argv, "--heldout", "2024"]) == 0
+    captured = capsys.readouterr()
+    assert _resolved(captured.out)["heldout"] == "2024"
+    assert main([*argv, "--heldout", "null"]) == 1
+    assert "medfusion: error: null: folder does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_heldout_null_in_yaml_holds_out_a_fraction(crops, tmp_path, capsys):
+    config = tmp_path / "vae.yaml"
+    config.write_text("heldout: null\nheldout_fraction: 0.25\n", encoding="utf-8")
+    argv = ["train-vae", "--data", str(crops), "--out", str(tmp_path / "run"), "--config", str(config)]
+    assert main([*argv, "--dry-run", *VAE_TINY]) == 0
+    out = capsys.readouterr().out
+    assert _resolved(out)["heldout"] is None and _resolved(out)["heldout_fraction"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        (["train.max_steps"], "medfusion: error: --set expects KEY=VALUE (e.g. train.max_steps=500); got"),
+        (["data=1", "data.seed=2"], "medfusion: error: --set 'data.seed=2': data is not a section"),
+        (["nonsense=1"], "medfusion: error: command line: unknown key(s) ['nonsense']"),
+    ],
+)
+def test_set_errors_name_the_option(pairs, message, tmp_path, capsys):
+    argv = ["train-vae", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--quiet"]
+    assert main([*argv, *(arg for pair in pairs for arg in ("--set", pair))]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_errors_name_the_options(small_folder, tmp_path, capsys):
+    """The library names its arguments (``fake /x``, ``features 'x'``); the command line, its options."""
+    volumes = tmp_path / "volumes"
+    for i in range(3):
+        write_image(volumes / f"{i}.nii.gz", np.zeros((1, 8, 8, 8), dtype=np.float32) + i)
+    encoder = tmp_path / "feat" / "encoder"
+    from medfusion.metrics.features import DomainEncoder
+
+    tiny = {"block_out_channels": (4, 8), "norm_num_groups": 4, "num_features": 8, "image_size": (8, 8)}
+    DomainEncoder(spatial_dims=2, in_channels=1, **tiny).save_pretrained(encoder, safe_serialization=True)
+    argv = ["evaluate", "--real", str(small_folder), "--out", str(tmp_path / "report"), "--quiet"]
+    assert main([*argv, "--fake", str(volumes), "--features", str(encoder.parent)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"medfusion: error: --fake {volumes}: 3D images with 1 channel(s), but --real {small_folder}" in err
+    )
+    assert main([*argv, "--fake", str(small_folder), "--features", "nope"]) == 1
+    assert "medfusion: error: --features 'nope': no such file or folder; expected" in capsys.readouterr().err
+    assert main([*argv, "--fake", str(small_folder), "--tstr"]) == 1
+    assert "medfusion: error: --tstr needs --train" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()

@@ -225,7 +225,7 @@ def test_lock_file_follows_the_umask(tmp_path):
 
 def test_the_lock_file_does_not_make_a_folder_look_used(tmp_path):
     """The demo wants a new or empty --out: a folder holding only its lock (or a stale one) is."""
-    from medfusion import demo
+    from medfusion.workflows import demo
 
     out = tmp_path / "out"
     with run_lock(out, "medfusion demo"):

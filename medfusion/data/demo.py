@@ -302,7 +302,7 @@ def build_demo_data(
         return out
     wanted = tuple(d for d in DATASETS if d in wanted or d in held)
     if out.exists() and not marker.is_file() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not a medfusion demo folder; choose another --out")
+        raise FileExistsError(f"{out} exists and is not a medfusion demo folder; choose another folder")
     sources = [s for s in SOURCES if s.dataset in wanted]
     counts: dict[str, dict[str, int]] = {}
     with atomic_dir(out, overwrite=True) as tmp:

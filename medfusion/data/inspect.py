@@ -116,7 +116,10 @@ class InspectionReport:
     def _why_unusable(self) -> str:
         if not self.good:
             return "no readable image"
-        return f"{len(self.problems)} problem(s); fix them or pass --skip-bad to leave those files out"
+        return (
+            f"{len(self.problems)} problem(s); fix them or pass skip_bad=True (--skip-bad) to leave "
+            "those files out"
+        )
 
 
 def _join(values: Sequence) -> str:

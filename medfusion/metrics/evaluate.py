@@ -3,7 +3,7 @@
 Both folders are read the same way (the data readers, one intensity normalisation, one size),
 passed through one feature extractor, and compared overall and per class: FID, KID, precision /
 recall, density / coverage, diversity (pairwise MS-SSIM within each class, real and synthetic),
-and with ``--train`` the memorisation audit (synthetic vs held-out real distances to the
+and with ``train`` the memorisation audit (synthetic vs held-out real distances to the
 training images). Every number names the extractor that produced it.
 
 Every metric is also computed for real against real at the same n (the held-out images against
@@ -393,10 +393,10 @@ def open_folders(
     folders: dict[str, str | Path | None], data: DataConfig
 ) -> tuple[dict[str, ImageFolderDataset], tuple[int, ...]]:
     """Open ``real`` and the other folders given (not None) alike (see
-    :func:`~medfusion.data.dataset.open_alike`, ``real`` the reference); errors name the command's
-    options. Returns the datasets and the size."""
+    :func:`~medfusion.data.dataset.open_alike`, ``real`` the reference); errors name each folder by
+    its key and path (``fake /data/synthetic: ...``). Returns the datasets and the size."""
     given = {name: folder for name, folder in folders.items() if folder is not None}
-    return open_alike(given, data, names={name: f"--{name}" for name in given})
+    return open_alike(given, data)
 
 
 def evaluate(

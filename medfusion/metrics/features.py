@@ -1,7 +1,7 @@
 """Feature extractors for the distribution metrics, pluggable by name or path.
 
 ==================== ===========================================================================
-``--features``       extractor
+``features``         extractor (:func:`load_extractor`; ``--features`` of ``medfusion evaluate``)
 ==================== ===========================================================================
 ``FOLDER``           a domain encoder trained by ``medfusion features train`` (``config.json`` +
                      safetensors): any modality, 2D or 3D, offline. FIDs from it compare runs
@@ -351,8 +351,8 @@ def domain_extractor(path: str | Path, device: torch.device | str = "cpu") -> Fe
         path = path / ENCODER_DIR
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         raise ValueError(
-            f"--features {path}: not a domain encoder folder (needs config.json and *.safetensors; "
-            "train one with: medfusion features train --data REAL --out FEAT)"
+            f"{path}: not a domain encoder folder (needs config.json and *.safetensors; train one with "
+            "medfusion.training.features.train_domain_encoder, or the command medfusion features train)"
         )
     encoder = (
         DomainEncoder.from_pretrained(path, use_safetensors=True).eval().requires_grad_(False).to(device)
@@ -428,7 +428,7 @@ def onnx_extractor(
     try:
         import onnxruntime
     except ImportError as e:
-        raise ImportError(f"--features {path}: ONNX models need onnxruntime (pip install onnxruntime)") from e
+        raise ImportError(f"{path}: ONNX models need onnxruntime (pip install onnxruntime)") from e
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
 
@@ -515,11 +515,11 @@ def _remove_classifier(model: nn.Module, name: str) -> None:
 
 
 def _named_spec(spec: str) -> tuple[str, Path | None]:
-    """``KIND:NAME`` or ``KIND:NAME@FILE`` -> (NAME, FILE or None)."""
+    """``KIND:NAME`` or ``KIND:NAME@FILE`` (``load_extractor``'s ``features``) -> (NAME, FILE or None)."""
     kind, _, rest = spec.partition(":")
     name, at, weights = rest.partition("@")
     if not name or (at and not weights):
-        raise ValueError(f"--features {spec!r}: expected {kind}:NAME or {kind}:NAME@WEIGHTS_FILE")
+        raise ValueError(f"features {spec!r}: expected {kind}:NAME or {kind}:NAME@WEIGHTS_FILE")
     return name, Path(weights) if weights else None
 
 
@@ -528,7 +528,7 @@ def _import_torchvision_models(spec: str):
         from torchvision import models
     except (ImportError, RuntimeError) as e:  # RuntimeError: a torchvision built for another torch
         raise ImportError(
-            f"--features {spec} needs torchvision: pip install torchvision, the build that matches "
+            f"{spec} needs torchvision: pip install torchvision, the build that matches "
             f"your torch {torch.__version__} (see https://pytorch.org/get-started/locally/) ({e})"
         ) from e
     return models
@@ -542,8 +542,8 @@ def torchvision_weights_path(name: str, url: str) -> Path:
         return path
     raise FileNotFoundError(
         f"the weights of torchvision:{name} are not here: {path}. Download {url} on a machine with "
-        f"internet and copy it to {path}, or name the file: --features torchvision:{name}@FILE. "
-        "Nothing is downloaded at run time."
+        f"internet and copy it to {path}, or name the file (weights=FILE; as features: "
+        f"torchvision:{name}@FILE). Nothing is downloaded at run time."
     )
 
 
@@ -579,8 +579,8 @@ def torchvision_extractor(
     except (ValueError, KeyError, AttributeError) as e:
         if weights is None:
             raise ValueError(
-                f"--features {spec}: torchvision names no default weights for it ({e}); name a "
-                f"weights file: --features {spec}@FILE"
+                f"{spec}: torchvision names no default weights for it ({e}); name a weights file "
+                f"(weights=FILE; as features: {spec}@FILE)"
             ) from e
         default_weights = None
     path = Path(weights) if weights else torchvision_weights_path(name, default_weights.url)
@@ -605,8 +605,8 @@ def timm_cached_weights(name: str, hf_hub_id: str | None) -> Path:
     spec = f"timm:{name}"
     if not hf_hub_id:
         raise FileNotFoundError(
-            f"--features {spec}: its pretrained_cfg names no Hugging Face hub repository; name a "
-            f"weights file: --features {spec}@FILE"
+            f"{spec}: its pretrained_cfg names no Hugging Face hub repository; name a weights file "
+            f"(weights=FILE; as features: {spec}@FILE)"
         )
     import huggingface_hub
     from huggingface_hub.constants import HF_HUB_CACHE
@@ -619,8 +619,8 @@ def timm_cached_weights(name: str, hf_hub_id: str | None) -> Path:
         f"the weights of {spec} ({TIMM_WEIGHTS_FILE} of the Hugging Face repository {repo_id}) are "
         f"not in the local Hugging Face cache {HF_HUB_CACHE}. On a machine with internet run "
         f"`hf download {repo_id} {TIMM_WEIGHTS_FILE}` and copy its cache folder here (or point "
-        f"$HF_HUB_CACHE at it), or copy the file and name it: --features {spec}@FILE. Nothing is "
-        "downloaded at run time."
+        f"$HF_HUB_CACHE at it), or copy the file and name it (weights=FILE; as features: {spec}@FILE). "
+        "Nothing is downloaded at run time."
     )
 
 
@@ -641,12 +641,12 @@ def timm_extractor(
     """
     spec = f"timm:{name}"
     if name.startswith("hf-hub:"):  # timm would download its config
-        raise ValueError(f"--features {spec}: name the model by its timm name, not hf-hub:")
+        raise ValueError(f"{spec}: name the model by its timm name, not hf-hub:")
     try:
         import timm
     except (ImportError, RuntimeError) as e:
         raise ImportError(
-            f"--features {spec} needs timm: pip install timm (it needs torchvision: the build that "
+            f"{spec} needs timm: pip install timm (it needs torchvision: the build that "
             f"matches your torch {torch.__version__}) ({e})"
         ) from e
     model = timm.create_model(name, pretrained=False)
@@ -660,11 +660,18 @@ def timm_extractor(
     return _probed(network, spec, device, input_size)
 
 
-def load_extractor(spec: str | Path, device: torch.device | str = "cpu") -> FeatureExtractor:
-    """The extractor ``spec`` names: ``inception``, ``torchvision:NAME[@FILE]``,
-    ``timm:NAME[@FILE]``, a domain encoder folder (``FEAT`` or ``FEAT/encoder``), or a
-    ``.pt``/``.ts``/``.pth``/``.onnx`` file."""
-    spec_text = str(spec)
+def load_extractor(features: str | Path, device: torch.device | str = "cpu") -> FeatureExtractor:
+    """The extractor that ``features`` names.
+
+    Args:
+        features: ``inception``, ``torchvision:NAME[@FILE]``, ``timm:NAME[@FILE]``, a domain encoder
+            folder (``FEAT`` or ``FEAT/encoder``), or a ``.pt``/``.ts``/``.pth``/``.onnx`` file.
+        device: where the network runs.
+
+    Returns:
+        The extractor: (N, C, *spatial) in [-1, 1] -> (N, D).
+    """
+    spec_text = str(features)
     if spec_text == "inception":
         return inception_extractor(device=device)
     if spec_text.startswith("torchvision:"):
@@ -680,6 +687,6 @@ def load_extractor(spec: str | Path, device: torch.device | str = "cpu") -> Feat
         return onnx_extractor(path, device)
     missing = "no such file or folder; " if not path.exists() else ""
     raise ValueError(
-        f"--features {spec_text!r}: {missing}expected 'inception', 'torchvision:NAME[@FILE]', "
+        f"features {spec_text!r}: {missing}expected 'inception', 'torchvision:NAME[@FILE]', "
         "'timm:NAME[@FILE]', a domain encoder folder, or a .pt/.ts/.pth/.onnx file"
     )

@@ -405,7 +405,10 @@ def _save_encoder(result, task, dataset, train_rows, validation_images, config, 
         if task.best is not None
         else f"step {result.step}"
     )
-    log(f"# saved the domain encoder ({how}) to {out / ENCODER_DIR} (use it with --features {out})")
+    log(
+        f"# saved the domain encoder ({how}) to {out / ENCODER_DIR} (the extractor of an evaluation: "
+        f"features={str(out)!r}, or medfusion evaluate --features {out})"
+    )
 
 
 def train_domain_encoder(

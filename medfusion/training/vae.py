@@ -289,7 +289,7 @@ def load_vae(path: str | Path) -> VAE:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: no trained VAE here (config.json missing); pass the vae/ folder that "
-            "`medfusion train-vae` wrote, e.g. --vae RUN/vae"
+            "`medfusion train-vae` wrote (RUN/vae)"
         )
     vae = VAE.from_pretrained(path, use_safetensors=True)
     return vae.eval().requires_grad_(False)

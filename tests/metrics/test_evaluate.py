@@ -168,7 +168,9 @@ def test_volumes_against_images_are_refused(folders, tmp_path):
     volumes = tmp_path / "volumes"
     for i in range(3):
         write_image(volumes / f"{i}.nii.gz", np.zeros((1, 8, 8, 8), dtype=np.float32) + i)
-    with pytest.raises(ValueError, match=r"--fake .*: 3D images with 1 channel.*compare like with like"):
+    with pytest.raises(
+        ValueError, match=r"^fake .*: 3D images with 1 channel.*but real .*compare like with like"
+    ):
         evaluate(folders["real"], volumes, tmp_path / "out", load_extractor(folders["feat"]), progress=False)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 import types
 import typing
@@ -228,10 +229,16 @@ class DataConfig(Config):
         resize: resize to this many voxels per axis; None keeps the size.
         crop: crop/pad to this many voxels per axis (after resampling/resizing); None keeps it.
         random_crop: crop at a random offset (training) instead of the centre.
-        normalization: ``auto``, ``percentile``, ``window``, ``dtype`` or ``minmax``.
-        percentiles: (low, high) percent for ``percentile``.
+        normalization: ``auto``, ``dataset``, ``percentile``, ``window``, ``dtype`` or ``minmax``
+            (see :mod:`medfusion.data.transforms`). Training fits ``auto`` and ``dataset`` on the
+            training set (:func:`medfusion.data.fitting.fit_normalization`), so that generated
+            images map back to the training data's units; ``percentile`` (each image on its own)
+            gives a relative scale.
+        percentiles: (low, high) percent for ``percentile`` and ``dataset``.
         window: (low, high) intensity window for ``window`` (CT HU); None means (-1000, 1000).
         per_channel: normalise each channel on its own (RGB).
+        bounds: for ``dataset``: the fitted (low, high) of each channel (one pair when not
+            ``per_channel``); written by the fit into the run's resolved config, None before.
         flip_axes: spatial axes (array order) flipped at random with probability 1/2.
         labels: CSV ``path,label`` giving the classes (a path is kept as its text), ``"none"``
             (unlabelled); None uses first-level subfolders.
@@ -247,6 +254,7 @@ class DataConfig(Config):
     percentiles: tuple[float, float] = (0.5, 99.5)
     window: tuple[float, float] | None = None
     per_channel: bool = True
+    bounds: tuple[tuple[float, float], ...] | None = None
     flip_axes: tuple[int, ...] = ()
     labels: str | None = None
     skip_bad: bool = False
@@ -275,6 +283,19 @@ class DataConfig(Config):
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100; got {self.percentiles!r}")
         if self.window is not None and not self.window[0] < self.window[1]:
             raise ValueError(f"window must be (low, high) with low < high; got {self.window!r}")
+        if self.bounds is not None and (
+            not self.bounds
+            or any(not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi) for lo, hi in self.bounds)
+        ):
+            raise ValueError(
+                "bounds must be one (low, high) pair of finite numbers per channel, low <= high; "
+                f"got {self.bounds!r}"
+            )
+        if self.bounds is not None and self.normalization not in ("auto", "dataset"):
+            raise ValueError(
+                "bounds are the fitted range of normalization 'dataset'; normalization is "
+                f"{self.normalization!r}"
+            )
         from medfusion.utils import MAX_SEED
 
         if not 0 <= self.seed <= MAX_SEED:

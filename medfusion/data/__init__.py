@@ -3,6 +3,7 @@
 from medfusion.data.dataset import DatasetSubset, ImageFolderDataset, build_transform, split_indices
 from medfusion.data.discovery import Discovery, Sample, discover, load_class_names, save_class_names
 from medfusion.data.errors import DataError, ImageReadError, Problem
+from medfusion.data.fitting import describe_training_data, fit_normalization, training_geometry
 from medfusion.data.image import ImageInfo, MedicalImage
 from medfusion.data.inspect import InspectionReport, inspect_dataset
 from medfusion.data.readers import MAX_PIXELS_ENV, max_pixels, read_image, read_info
@@ -28,7 +29,9 @@ __all__ = [
     "Resize",
     "Sample",
     "build_transform",
+    "describe_training_data",
     "discover",
+    "fit_normalization",
     "inspect_dataset",
     "load_class_names",
     "max_pixels",
@@ -37,5 +40,6 @@ __all__ = [
     "save_class_names",
     "split_indices",
     "to_unsigned",
+    "training_geometry",
     "write_image",
 ]

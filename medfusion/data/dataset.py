@@ -42,6 +42,7 @@ def build_transform(config: DataConfig) -> Compose:
             percentiles=config.percentiles,
             window=config.window,
             per_channel=config.per_channel,
+            bounds=config.bounds,
         )
     ]
     if config.spacing is not None:
@@ -125,6 +126,10 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"{self.root}: no usable images left after leaving out {len(bad)} bad file(s)")
         self.problems = tuple(problems)
         self.info = self._reference_info(records, bad)
+        # every good file's header when they were read (validate "header" or "full"), else None
+        self.headers: tuple[ImageInfo, ...] | None = None
+        if records is not None:
+            self.headers = tuple(r.info for r in records if r.info is not None and r.sample.path not in bad)
         self._class_index = {name: i for i, name in enumerate(self.class_names)}
         self._warned: set[str] = set()
 

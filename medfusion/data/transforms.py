@@ -11,12 +11,19 @@ Intensity normalisation maps values to [-1, 1]:
 ========== ==================================================================================
 mode       mapping
 ========== ==================================================================================
+dataset    clip to fixed ``bounds`` (low, high) per channel: the ``percentiles`` of the whole
+           training set, fitted once (:func:`medfusion.data.fitting.fit_normalization`)
 percentile clip to the ``percentiles`` (e.g. 0.5, 99.5) of the image, then scale (MR, X-ray)
 window     clip to a fixed ``window`` (low, high), e.g. CT Hounsfield units (-1000, 1000)
 dtype      the full range of the stored integer type (0..255 for uint8, 0..65535 for uint16)
 minmax     the image's own minimum and maximum
-auto       ``dtype`` for 8-bit data, ``window`` (-1000, 1000) for CT, ``percentile`` otherwise
+auto       ``dtype`` for 8-bit data, ``window`` (-1000, 1000) for CT, otherwise ``dataset`` where
+           the data was fitted (training) and ``percentile`` where it was not
 ========== ==================================================================================
+
+``dataset``, ``window`` and ``dtype`` map every image alike, so a generated image maps back
+exactly to the training data's units (:func:`medfusion.data.writers.intensity_mapping`);
+``percentile`` and ``minmax`` map each image on its own, so what comes back is a relative scale.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from medfusion.data.image import MedicalImage
 
 Transform = Callable[[MedicalImage, np.random.Generator], MedicalImage]
 
-NORMALIZATION_MODES = ("auto", "percentile", "window", "dtype", "minmax")
+NORMALIZATION_MODES = ("auto", "dataset", "percentile", "window", "dtype", "minmax")
+# the modes that map every image alike: their inverse gives back the source units
+FIXED_MODES = ("dataset", "window", "dtype")
 CT_WINDOW = (-1000.0, 1000.0)
 _LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -70,10 +79,12 @@ class NormalizeIntensity:
     """Map intensities to [-1, 1]; see the module docstring for the modes.
 
     Args:
-        mode: one of ``auto``, ``percentile``, ``window``, ``dtype``, ``minmax``.
+        mode: one of ``auto``, ``dataset``, ``percentile``, ``window``, ``dtype``, ``minmax``.
         percentiles: (low, high) in percent, for ``percentile``.
         window: (low, high) values, for ``window``; defaults to CT (-1000, 1000) HU.
         per_channel: compute percentiles / min-max per channel (RGB) rather than over all.
+        bounds: (low, high) per channel (one pair: every channel alike), for ``dataset``: fitted on
+            the training set by :func:`medfusion.data.fitting.fit_normalization`.
     """
 
     def __init__(
@@ -82,6 +93,7 @@ class NormalizeIntensity:
         percentiles: tuple[float, float] = (0.5, 99.5),
         window: tuple[float, float] | None = None,
         per_channel: bool = True,
+        bounds: Sequence[Sequence[float]] | None = None,
     ):
         if mode not in NORMALIZATION_MODES:
             raise ValueError(f"mode must be one of {NORMALIZATION_MODES}; got {mode!r}")
@@ -92,15 +104,31 @@ class NormalizeIntensity:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100; got {percentiles}")
         if window is not None and (len(window) != 2 or not window[0] < window[1]):
             raise ValueError(f"window must be (low, high) with low < high; got {window}")
+        if mode == "dataset" and not bounds:
+            raise ValueError(
+                "normalization 'dataset' needs the bounds fitted on the training set "
+                "(medfusion.data.fitting.fit_normalization)"
+            )
+        if bounds is not None:
+            bounds = tuple((float(lo), float(hi)) for lo, hi in bounds)
+            if not bounds or any(
+                not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi) for lo, hi in bounds
+            ):
+                raise ValueError(
+                    f"bounds must be (low, high) pairs of finite numbers, low <= high; got {bounds}"
+                )
         self.mode = mode
         self.percentiles = (float(low), float(high))
         self.window = window
         self.per_channel = per_channel
+        self.bounds = bounds
 
     def resolve_mode(self, image: MedicalImage) -> str:
         """The concrete mode ``auto`` picks for ``image``."""
         if self.mode != "auto":
             return self.mode
+        if self.bounds is not None:
+            return "dataset"
         dtype = np.dtype(str(image.array.dtype).replace("torch.", ""))
         if dtype == np.uint8:
             return "dtype"
@@ -115,6 +143,13 @@ class NormalizeIntensity:
             lo, hi = (_quantile(flat.double(), q)).float().unbind(0)
         elif mode == "minmax":
             lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        elif mode == "dataset":
+            if len(self.bounds) not in (1, x.shape[0]):
+                raise ValueError(
+                    f"normalization 'dataset' has bounds for {len(self.bounds)} channels; the image has "
+                    f"{x.shape[0]}"
+                )
+            lo, hi = torch.tensor(self.bounds, dtype=torch.float32).unbind(1)
         elif mode == "window":
             low, high = self.window or CT_WINDOW
             lo, hi = torch.tensor([low]), torch.tensor([high])

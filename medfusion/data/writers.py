@@ -209,23 +209,45 @@ def _write_sitk(tmp: Path, image: MedicalImage, array: np.ndarray) -> None:
 @dataclass(frozen=True)
 class IntensityMapping:
     """How generated values in [-1, 1] become stored values: ``low + (x + 1) / 2 * (high - low)``
-    in ``dtype`` (rounded for integer types). ``physical`` says whether the stored values are in
-    the training data's own units (an exact inverse of its normalisation) or a relative scale."""
+    per channel (one ``low``/``high`` each, or one for every channel) in ``dtype`` (rounded for
+    integer types). ``physical`` says whether the stored values are in the training data's own
+    units (an exact inverse of its normalisation) or a relative scale."""
 
     dtype: str
-    low: float
-    high: float
+    low: tuple[float, ...]
+    high: tuple[float, ...]
     physical: bool
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "low", tuple(float(v) for v in np.atleast_1d(self.low)))
+        object.__setattr__(self, "high", tuple(float(v) for v in np.atleast_1d(self.high)))
+        if len(self.low) != len(self.high):
+            raise ValueError(
+                f"low and high must have one value per channel alike; got {self.low}, {self.high}"
+            )
+
     def __call__(self, array) -> np.ndarray:
+        """``array`` (C, *spatial) in [-1, 1] (clipped) -> stored values."""
         x = np.clip(np.asarray(array, dtype=np.float64), -1.0, 1.0)
-        values = self.low + (x + 1.0) * ((self.high - self.low) / 2.0)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        low, high = np.asarray(self.low).reshape(shape), np.asarray(self.high).reshape(shape)
+        if low.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"the mapping has values for {low.shape[0]} channels; the image has {x.shape[0]}"
+            )
+        values = low + (x + 1.0) * ((high - low) / 2.0)
         dtype = np.dtype(self.dtype)
         return np.rint(values).astype(dtype) if np.issubdtype(dtype, np.integer) else values.astype(dtype)
 
     def describe(self) -> str:
         scale = "the training data's units" if self.physical else "a relative scale"
-        return f"[-1, 1] -> [{self.low:g}, {self.high:g}] as {self.dtype} ({scale})"
+        ranges = ", ".join(f"[{lo:g}, {hi:g}]" for lo, hi in zip(self.low, self.high))
+        per = " per channel" if len(self.low) > 1 else ""
+        return f"[-1, 1] -> {ranges}{per} as {self.dtype} ({scale})"
+
+
+# what each 2D/3D format can store: PNG holds unsigned 8/16-bit values only
+PNG_DTYPES = ("uint8", "uint16")
 
 
 def intensity_mapping(
@@ -233,15 +255,19 @@ def intensity_mapping(
 ) -> IntensityMapping:
     """How to store generated images in a ``suffix`` file like training data of ``source_dtype``.
 
-    PNG and TIFF get 8-bit values for 1-byte training data and 16-bit otherwise, over the full
-    range. Volumes (NIfTI, MHA, NRRD) get the training data's own units back when its intensity
-    normalisation can be inverted (``window``: e.g. CT Hounsfield units; ``dtype``: the stored
-    type's range) and otherwise the same unsigned 8/16-bit scale as images.
+    When the model's normalisation maps every image alike (``dtype``, ``window``, ``dataset``: see
+    :mod:`medfusion.data.transforms`), its inverse gives the training data's own units: stored in
+    the source dtype where the range fits it (integer data stays integer), else as float32. A
+    format that cannot hold that type (PNG: unsigned 8/16-bit only), and a per-image normalisation
+    (``percentile``, ``minmax``, or ``auto`` of a model trained before normalisations were
+    fitted), get the full unsigned 8-bit (for 1-byte training data) or 16-bit range instead: a
+    relative scale, and the card says so.
 
     Args:
-        suffix: the file format, e.g. ``.png`` or ``.nii.gz``.
+        suffix: the file format, e.g. ``.png``, ``.tif`` or ``.nii.gz``.
         source_dtype: numpy dtype name of the training files.
-        normalization: the model's normalisation record (``normalization`` mode, ``window``).
+        normalization: the model's normalisation record (``normalization`` mode, ``window``,
+            ``bounds``).
     """
     from medfusion.data.transforms import CT_WINDOW
 
@@ -251,22 +277,24 @@ def intensity_mapping(
         raise ValueError(f"source_dtype {source_dtype!r} is not a numpy dtype") from e
     if suffix not in WRITABLE_SUFFIXES:
         raise ValueError(f"cannot write suffix {suffix!r}; choose one of {', '.join(WRITABLE_SUFFIXES)}")
+    record = normalization or {}
     bits = 8 if source.itemsize == 1 else 16
-    mode = (normalization or {}).get("normalization", "auto")
+    relative = IntensityMapping(f"uint{bits}", 0.0, float(2**bits - 1), physical=False)
+    mode = record.get("normalization", "auto")
     if mode == "auto" and source == np.uint8:
         mode = "dtype"  # what 'auto' picks for 8-bit data
-    # the full unsigned range is the exact inverse of 'dtype' normalisation of unsigned data
-    unsigned_range = IntensityMapping(
-        f"uint{bits}", 0.0, float(2**bits - 1), physical=mode == "dtype" and source == np.dtype(f"uint{bits}")
-    )
-    if suffix not in VOLUME_SUFFIXES:
-        return unsigned_range
-    if mode == "window":
-        low, high = (normalization or {}).get("window") or CT_WINDOW
-        integer = (
-            np.issubdtype(source, np.integer) and np.iinfo(source).min <= low and high <= np.iinfo(source).max
-        )
-        return IntensityMapping(source.name if integer else "float32", float(low), float(high), physical=True)
     if mode == "dtype" and np.issubdtype(source, np.integer):
-        return IntensityMapping(source.name, float(np.iinfo(source).min), float(np.iinfo(source).max), True)
-    return unsigned_range
+        low, high = (float(np.iinfo(source).min),), (float(np.iinfo(source).max),)
+    elif mode == "window":
+        low, high = ((float(v),) for v in (record.get("window") or CT_WINDOW))
+    elif mode == "dataset" and record.get("bounds"):
+        low, high = (tuple(float(pair[i]) for pair in record["bounds"]) for i in (0, 1))
+    else:
+        return relative
+    fits = np.issubdtype(source, np.integer) and (
+        np.iinfo(source).min <= min(low) and max(high) <= np.iinfo(source).max
+    )
+    dtype = source.name if fits else "float32"
+    if suffix in PNG_SUFFIXES and dtype not in PNG_DTYPES:
+        return relative
+    return IntensityMapping(dtype, low, high, physical=True)

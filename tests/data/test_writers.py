@@ -429,6 +429,10 @@ def test_intensity_mapping_window_outside_the_integer_range_gives_floats():
     [
         (".png", "uint16", {"normalization": "percentile"}, "uint16", False),
         (".png", "int16", {"normalization": "window"}, "uint16", False),  # PNG holds no negative HU
+        (".tif", "int16", {"normalization": "window"}, "int16", True),  # TIFF does: 2D CT in HU
+        (".png", "uint16", {"normalization": "dataset", "bounds": [[999, 1385]]}, "uint16", True),
+        (".nii.gz", "int16", {"normalization": "dataset", "bounds": [[-25, 592]]}, "int16", True),
+        (".nii.gz", "uint8", {"normalization": "dataset", "bounds": [[-0.5, 300.25]]}, "float32", True),
         (".png", "uint8", {"normalization": "percentile"}, "uint8", False),
         (".tif", "float32", {"normalization": "minmax"}, "uint16", False),
         (".nii.gz", "int16", {"normalization": "percentile"}, "uint16", False),  # MR: per-image scale
@@ -441,7 +445,7 @@ def test_intensity_mapping_choices(suffix, source, normalization, dtype, physica
     assert (mapping.dtype, mapping.physical) == (dtype, physical)
     values = mapping(np.array([-2.0, -1.0, 1.0, 3.0]))  # outside [-1, 1] is clipped
     assert values.dtype == np.dtype(dtype)
-    assert values[0] == values[1] == mapping.low and values[2] == values[3] == mapping.high
+    assert values[0] == values[1] == mapping.low[0] and values[2] == values[3] == mapping.high[0]
 
 
 def test_intensity_mapping_rejects_bad_arguments():

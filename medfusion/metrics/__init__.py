@@ -1,7 +1,7 @@
 """Metrics as pure functions of tensors or feature arrays: reconstruction quality (PSNR, SSIM,
 MS-SSIM), distribution metrics (FID, KID, precision/recall, density/coverage) with half-sample
-bootstrap intervals, diversity and the memorisation audit, plus streaming torchmetrics ``Metric``s
-for large sets."""
+bootstrap intervals, diversity and the memorisation audit, the intensity check of stored values
+(:mod:`medfusion.metrics.intensity`), plus streaming torchmetrics ``Metric``s for large sets."""
 
 from medfusion.metrics.distribution import (
     KID,
@@ -22,6 +22,7 @@ from medfusion.metrics.distribution import (
     precision_recall,
 )
 from medfusion.metrics.diversity import Diversity, diversity, mean_pairwise_ms_ssim
+from medfusion.metrics.intensity import compare_intensities, intensity_values, wasserstein_1
 from medfusion.metrics.streaming import FeatureStatisticsMetric, StreamingFID
 
 __all__ = [
@@ -36,14 +37,17 @@ __all__ = [
     "StreamingFID",
     "bootstrap_interval",
     "bootstrap_intervals",
+    "compare_intensities",
     "density_coverage",
     "diversity",
     "feature_statistics",
     "fid",
     "frechet_distance",
+    "intensity_values",
     "kid",
     "mean_pairwise_ms_ssim",
     "memorisation_audit",
     "nearest_neighbours",
     "precision_recall",
+    "wasserstein_1",
 ]

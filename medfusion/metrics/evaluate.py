@@ -41,6 +41,7 @@ from medfusion.metrics.distribution import (
 )
 from medfusion.metrics.diversity import diversity
 from medfusion.metrics.features import FeatureExtractor
+from medfusion.metrics.intensity import compare_intensities, read_intensities
 from medfusion.runlock import run_lock
 from medfusion.utils import atomic_write_text
 
@@ -450,6 +451,9 @@ def evaluate(
     real-vs-real value (``value``, ``interval``, ``reference``, ``reference_interval``, ``ratio`` or
     ``difference``, ``within_band``); top level ``reference`` and ``bootstrap`` say how, ``verdict``
     whether the synthetic set is within the real-vs-real band, ``warnings`` what is not meaningful.
+    ``intensity`` compares the values as stored in the files (source units, not normalised), per
+    class (:func:`~medfusion.metrics.intensity.compare_intensities`); its warnings (synthetic files
+    on another scale than the real ones) join ``warnings``.
     """
     check_interval_options(resamples, level)
     out = Path(out)
@@ -485,6 +489,12 @@ def evaluate(
             level=level,
             seed=seed,
         )
+        real_values, fake_values = (  # in the files' own units: a scale mismatch shows here
+            read_intensities(datasets[name].samples, seed=seed, progress=progress, skip_bad=data.skip_bad)
+            for name in ("real", "fake")
+        )
+        results["intensity"] = compare_intensities(real_values, fake_values, seed=seed)
+        results["warnings"] += results["intensity"]["warnings"]
         results["diversity"] = {
             name: {str(k): v for k, v in diversity(*_kept_images(s)).per_class.items()}
             for name, s in (("real", real_set), ("fake", fake_set))

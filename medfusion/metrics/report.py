@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from medfusion.metrics.evaluate import interval_text, significant
+from medfusion.metrics.intensity import number
 from medfusion.utils import atomic_write_text
 from medfusion.visualize import make_grid, mid_slices, to_uint8
 
@@ -160,6 +161,104 @@ def _histogram(fake: torch.Tensor, heldout: torch.Tensor, threshold: float, widt
         f'<text x="{x + 4:.1f}" y="{margin / 2 + 10}" font-size="10">threshold</text>'
     )
     return f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(shapes)}{labels}</svg>'
+
+
+REAL_FILL, FAKE_FILL = "rgba(41,128,185,0.5)", "rgba(192,57,43,0.5)"
+
+
+def _intensity_plot(entry: dict, channel: int, width: int = 520) -> str:
+    """The real and synthetic histograms of one channel on their common bins, overlaid, as SVG."""
+    height, margin = 200, 30
+    histogram = entry["histogram"]
+    edges = histogram["edges"][channel]
+    sides = []
+    for key, fill in (("real", REAL_FILL), ("fake", FAKE_FILL)):
+        counts = histogram[key][channel]
+        total = max(1, sum(counts))
+        sides.append(([c / total for c in counts], fill))
+    top = max(max(fractions) for fractions, _ in sides) or 1.0
+    bar = (width - 2 * margin) / len(edges[:-1])
+    shapes = []
+    for fractions, fill in sides:
+        for i, value in enumerate(fractions):
+            if value <= 0:
+                continue
+            h = (height - 2 * margin) * value / top
+            shapes.append(
+                f'<rect x="{margin + i * bar:.1f}" y="{height - margin - h:.1f}" width="{bar:.1f}" '
+                f'height="{h:.1f}" fill="{fill}"/>'
+            )
+    axis = "value in the files' units" + (f", channel {channel}" if entry["channels"] > 1 else "")
+    legend = "".join(
+        f'<rect x="{width - margin - 90}" y="{8 + 16 * i}" width="12" height="12" fill="{fill}"/>'
+        f'<text x="{width - margin - 72}" y="{18 + 16 * i}" font-size="11">{name}</text>'
+        for i, (name, fill) in enumerate((("real", REAL_FILL), ("synthetic", FAKE_FILL)))
+    )
+    labels = (
+        f'<line x1="{margin}" x2="{width - margin}" y1="{height - margin}" y2="{height - margin}" '
+        'stroke="#999"/>'
+        f'<text x="{margin}" y="{height - 8}" font-size="10">{html.escape(number(edges[0]))}</text>'
+        f'<text x="{width - margin}" y="{height - 8}" font-size="10" text-anchor="end">'
+        f"{html.escape(number(edges[-1]))}</text>"
+        f'<text x="{width / 2}" y="{height - 8}" font-size="11" text-anchor="middle">'
+        f"{html.escape(axis)}</text>"
+    )
+    return (
+        f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+        f"{''.join(shapes)}{labels}{legend}</svg>"
+    )
+
+
+def _intensity_numbers(entry: dict) -> str:
+    """Per channel: W1 in the files' units and relative, the real-vs-real reference, and each side's
+    summary (dtype, min, 1st/50th/99th percentile, max)."""
+    reference = entry["reference"]
+    rows = []
+    for c in range(entry["channels"]):
+        relative = entry["relative_w1"][c]
+        base = reference["relative_w1"][c] if reference is not None else None
+        cells = [
+            number(entry["w1"][c]),
+            f"{number(relative)}x" if relative is not None else "–",
+            f"{number(reference['w1'][c])} ({number(base)}x)" if base is not None else "–",
+        ]
+        for side in (entry["real"], entry["fake"]):
+            stats = " / ".join(number(side[key][c]) for key in ("min", "p1", "p50", "p99", "max"))
+            cells.append(f"{side['dtype']}: {stats}")
+        channel = f"<th>{c}</th>" if entry["channels"] > 1 else ""
+        rows.append(f"<tr>{channel}{''.join(f'<td>{html.escape(cell)}</td>' for cell in cells)}</tr>")
+    channel = "<th>channel</th>" if entry["channels"] > 1 else ""
+    head = (
+        f"<tr>{channel}<th>W1 (units)</th><th>W1 / real range</th><th>real vs real</th>"
+        "<th>real: dtype: min / 1% / median / 99% / max</th><th>synthetic: the same</th></tr>"
+    )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _intensities(intensity: dict) -> str:
+    """Real and synthetic values in the files' own units, per class: histograms, W1, the warning."""
+    definitions = intensity["definitions"]
+    flagged = definitions["flagged"][:1].upper() + definitions["flagged"][1:]
+    parts = [
+        "<h2>Intensities in the files' units</h2><p class='note'>The values as stored in the files, "
+        "before any normalisation (the feature metrics above normalise each image on its own and "
+        "cannot see whether the synthetic files are in the real data's units). Values: "
+        f"{html.escape(definitions['values'])}. W1: {html.escape(definitions['w1'])}; W1 / real range: "
+        f"{html.escape(definitions['relative_w1'])}; {html.escape(definitions['reference'])}. "
+        f"{html.escape(flagged)}. Histograms: fractions of each side's values on common bins (values "
+        "beyond the bins in the end bins); blue real, red synthetic.</p>"
+    ]
+    for name, entry in [("all", intensity["overall"]), *intensity["per_class"].items()]:
+        files = (
+            f"{entry['real']['files_read']} of {entry['real']['n_files']} real and "
+            f"{entry['fake']['files_read']} of {entry['fake']['n_files']} synthetic files"
+        )
+        parts.append(f"<h3>{html.escape(str(name))}</h3><p class='note'>{files}</p>")
+        parts.append(_intensity_numbers(entry))
+        if entry["warning"]:
+            parts.append(f"<p class='warning'>⚠ {html.escape(entry['warning'])}</p>")
+        parts += [_intensity_plot(entry, c) for c in range(entry["channels"])]
+    return "".join(parts)
 
 
 def _grids(real_set, fake_set) -> str:
@@ -323,6 +422,8 @@ def write_report(path: str | Path, results: dict, real_set, fake_set, train_set=
         "<h2>Precision and recall</h2>",
         _pr_plot(results),
     ]
+    if results.get("intensity"):
+        parts.append(_intensities(results["intensity"]))
     if results.get("diversity"):
         parts.append(
             "<h2>Diversity</h2><p class='note'>Mean pairwise MS-SSIM within each class (lower is more "

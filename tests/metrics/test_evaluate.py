@@ -122,7 +122,7 @@ def test_evaluate_writes_metrics_and_a_self_contained_report(folders, tmp_path):
     assert not re.search(r'(href|src)="(?!data:)', page)  # nothing outside the file
     # one real and one synthetic grid per class, the closest pairs, two plots
     assert len(sources) == 2 * len(CLASSES) + min(8, 24)
-    assert page.count("<svg") == 2
+    assert page.count("<svg") == 2 + 1 + len(CLASSES)  # and the intensity histograms: all, each class
 
 
 def test_a_copied_training_image_is_flagged(folders, tmp_path):

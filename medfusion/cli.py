@@ -260,15 +260,29 @@ def _sampler_config(args: argparse.Namespace):
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from medfusion.samplers.synthetic import write_synthetic_dataset
+    from medfusion.samplers.diffusion_generator import DiffusionGenerator
+    from medfusion.samplers.model_folder import DIFFUSION, read_model_kind
+    from medfusion.samplers.synthetic import check_request
     from medfusion.utils import process_state
+    from medfusion.workflows.sample import run_sample
 
-    result = write_synthetic_dataset(
-        args.model, args.out, n=args.n, class_labels=args.class_label, sampler=_sampler_config(args),
-        seed=args.seed, batch_size=args.batch_size, precision=args.precision, device=args.device,
-        slab=args.decode_slab, channels_last=args.channels_last, compile_mode=args.compile,
-        progress=not args.quiet, dry_run=args.dry_run,
-    )  # fmt: skip
+    check_request(args.out, args.n, args.seed, args.batch_size)  # before the model folder is read
+    options = {}
+    if read_model_kind(args.model) == DIFFUSION:  # the sampler's options (other kinds take their defaults)
+        DiffusionGenerator.check_options(args.precision, args.decode_slab, args.compile)
+        options = dict(
+            sampler=_sampler_config(args), precision=args.precision, device=args.device,
+            slab=args.decode_slab, channels_last=args.channels_last, compile_mode=args.compile,
+        )  # fmt: skip
+    phrases = {f"{name} ": f"--{flag} " for name, flag in (("evaluate_against", "evaluate-against"),
+               ("train", "train"), ("file_format", "format"))}  # fmt: skip
+    with _naming_options(phrases):
+        result, _ = run_sample(
+            args.model, args.out, args.n, class_labels=args.class_label, seed=args.seed,
+            batch_size=args.batch_size, file_format=args.file_format, intended_use=args.intended_use,
+            licence=args.licence, evaluate_against=args.evaluate_against, train=args.train,
+            features=args.features, generator_options=options, dry_run=args.dry_run, progress=not args.quiet,
+        )  # fmt: skip
     if not args.dry_run and result.written + result.kept and process_state().is_main_process:
         rate = result.written / result.seconds if result.seconds > 0 else 0.0
         print(
@@ -631,9 +645,40 @@ def _add_sample_parser(commands) -> None:
     sample.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network precision")
     _option(sample, "--device", help="e.g. cpu, cuda:1 (default: this process's GPU, else CPU)")
     _add_speed_options(sample)
+    _add_card_options(sample)
     _option(sample, "--dry-run", help="check everything, print the plan, write nothing")
     _option(sample, "--quiet", help="no progress bar")
     sample.set_defaults(run=_sample)
+
+
+def _add_card_options(sample: argparse.ArgumentParser) -> None:
+    from medfusion.samplers.files import FILE_FORMATS
+
+    sample.add_argument(
+        "--format",
+        dest="file_format",
+        choices=("auto", *FILE_FORMATS),
+        default="auto",
+        help="file format (default auto: like the training data, PNG/TIFF of its bit depth for images, "
+        "NIfTI for volumes); values are in the training data's units where its normalisation allows",
+    )
+    sample.add_argument("--licence", "--license", dest="licence", help="licence, for the dataset card")
+    sample.add_argument(
+        "--evaluate-against",
+        type=Path,
+        metavar="REAL",
+        help="after sampling, evaluate against these held-out real images (report in DIR-evaluation; "
+        "the card records the summary)",
+    )
+    sample.add_argument(
+        "--train", type=Path, help="with --evaluate-against: the model's training images (memorisation audit)"
+    )
+    sample.add_argument(
+        "--features", help="with --evaluate-against: the feature extractor (default: a domain encoder)"
+    )
+    sample.add_argument(
+        "--intended-use", help="what the dataset is for, for the card (default: research, not clinical use)"
+    )
 
 
 def _add_sampler_options(sample: argparse.ArgumentParser) -> None:

@@ -2,7 +2,9 @@
 sampling loop, ``MedfusionPipeline``, the generator interface with its registry of model-folder
 kinds, and the synthetic dataset folder (``medfusion sample``)."""
 
+from medfusion.samplers.card import CARD, README, update_card
 from medfusion.samplers.diffusion_generator import DiffusionGenerator, DiffusionSettings
+from medfusion.samplers.files import FILE_FORMATS, SampleFiles, format_suffix, output_suffix
 from medfusion.samplers.generator import (
     ImageGenerator,
     generator_kinds,
@@ -33,7 +35,6 @@ from medfusion.samplers.schedulers import (
     make_scheduler,
 )
 from medfusion.samplers.synthetic import (
-    CARD,
     MANIFEST,
     SampleResult,
     SampleSettings,
@@ -46,10 +47,12 @@ __all__ = [
     "CARD",
     "DEFAULT_STEPS",
     "DIFFUSION",
+    "FILE_FORMATS",
     "INFO_FILE",
     "KARRAS_SAMPLERS",
     "MANIFEST",
     "MODEL_INDEX",
+    "README",
     "SAMPLERS",
     "DDIMSampler",
     "DiffusionGenerator",
@@ -59,16 +62,19 @@ __all__ = [
     "ModelFolder",
     "ModelFolderError",
     "ModelInfo",
+    "SampleFiles",
     "SampleResult",
     "SampleSettings",
     "SamplerConfig",
     "decode_in_slabs",
+    "format_suffix",
     "generator_kinds",
     "initial_noise",
     "load_generator",
     "load_model_folder",
     "make_scheduler",
     "model_hash",
+    "output_suffix",
     "plan_samples",
     "read_model_info",
     "read_model_kind",
@@ -76,6 +82,7 @@ __all__ = [
     "rescale_guidance",
     "sample_latents",
     "save_model_folder",
+    "update_card",
     "write_generated_dataset",
     "write_synthetic_dataset",
 ]

@@ -87,7 +87,7 @@ _SCHEDULER_RANGES = {
     "steps_offset": (lambda v: v >= 0, ">= 0"),
 }
 # the keys of the normalisation record: DataConfig's intensity fields and the tensors' range
-_NORMALIZATION_KEYS = ("normalization", "percentiles", "window", "per_channel", "range")
+_NORMALIZATION_KEYS = ("normalization", "percentiles", "window", "per_channel", "bounds", "range")
 _NUMERIC_DTYPE_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # a window beyond it cannot be written as float32
 
@@ -111,7 +111,11 @@ class ModelInfo(Config):
         normalization: how intensities were mapped to [-1, 1] (the data config's fields).
         source_dtype: dtype of the training files (``uint8``, ``uint16``, ``int16`` ...), so that
             samples can be written like the training data.
-        spacing: voxel size (physical order) of the training data, for writing volumes.
+        spacing: voxel size (physical order) of the training data as the model saw it, for writing
+            files with the training geometry.
+        direction: the row-major direction-cosine matrix of the training images (None: identity).
+        training_data: what the model was trained on (files, counts per class, format, dtype,
+            modality), for the cards of the datasets it writes.
         kind: what generates the images: ``diffusion`` (the U-Net, VAE and schedule of this
             folder layout) or another kind registered in code
             (:func:`medfusion.samplers.register_generator_kind`); other kinds may leave
@@ -133,6 +137,8 @@ class ModelInfo(Config):
     normalization: dict[str, Any] = field(default_factory=dict)
     source_dtype: str = "uint8"
     spacing: tuple[float, ...] | None = None
+    direction: tuple[float, ...] | None = None
+    training_data: dict[str, Any] = field(default_factory=dict)
     kind: str = DIFFUSION
     version: str = __version__
     format: int = FORMAT_VERSION
@@ -158,6 +164,13 @@ class ModelInfo(Config):
             raise ValueError(
                 f"spacing must be null or {self.spatial_dims} finite numbers > 0; got {list(self.spacing)}"
             )
+        if self.direction is not None and not _is_direction(self.direction, self.spatial_dims):
+            raise ValueError(
+                f"direction must be null or a row-major {self.spatial_dims}x{self.spatial_dims} matrix of "
+                f"orthonormal direction cosines; got {list(self.direction)}"
+            )
+        if not isinstance(self.training_data, dict):
+            raise ValueError(f"training_data must be a mapping; got {self.training_data!r}")
         if not isinstance(self.version, str):
             raise ValueError(f"version must be a string; got {self.version!r}")
 
@@ -172,6 +185,13 @@ def check_kind_name(kind: Any, name: str) -> str:
             f"with a letter, e.g. {DIFFUSION!r}); got {kind!r}"
         )
     return kind
+
+
+def _is_direction(values: Any, dims: int) -> bool:
+    if len(values) != dims * dims or not all(_is_number(v) for v in values):
+        return False
+    matrix = np.asarray(values, dtype=np.float64).reshape(dims, dims)
+    return bool(np.allclose(matrix @ matrix.T, np.eye(dims), atol=1e-4))
 
 
 def _is_int(value: Any) -> bool:
@@ -225,6 +245,17 @@ def _check_normalization(record: Any) -> None:
         _check_pair("normalization.window", record["window"], -_FLOAT32_MAX, _FLOAT32_MAX)
     if "range" in record:
         _check_pair("normalization.range", record["range"])
+    bounds = record.get("bounds")
+    if bounds is not None:
+        if not isinstance(bounds, list | tuple) or not bounds:
+            raise ValueError(f"normalization.bounds must be null or [low, high] pairs; got {bounds!r}")
+        for i, pair in enumerate(bounds):
+            constant = isinstance(pair, list | tuple) and len(pair) == 2 and pair[0] == pair[1]
+            if constant and _is_number(pair[0]):
+                continue  # a channel of one value
+            _check_pair(f"normalization.bounds[{i}]", pair, -_FLOAT32_MAX, _FLOAT32_MAX)
+    if mode == "dataset" and bounds is None:
+        raise ValueError("normalization.bounds must be given for normalization 'dataset' (the fitted range)")
     if not isinstance(record.get("per_channel", True), bool):
         raise ValueError(f"normalization.per_channel must be true or false; got {record['per_channel']!r}")
 

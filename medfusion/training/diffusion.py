@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from medfusion.autoencoders.vae import VAE
 from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import ImageFolderDataset, build_transform
+from medfusion.data.fitting import describe_training_data, fit_normalization, training_geometry
 from medfusion.diffusion.objective import DiffusionConfig, DiffusionObjective
 from medfusion.diffusion.unet import UNet, UNetConfig
 from medfusion.samplers.model_folder import ModelInfo, save_model_folder
@@ -140,20 +141,24 @@ def preview_labels(num_classes: int | None, config: PreviewConfig) -> torch.Tens
     return torch.arange(classes).repeat_interleave(config.per_class)
 
 
-def build_diffusion_dataset(data: str | Path, config: DiffusionRunConfig, progress: bool = True):
-    """The training images with the data config's transforms (deterministic ones when caching)."""
-    data_config = config.data
-    if config.cache_latents:
-        data_config = data_config.replace(random_crop=False, flip_axes=())
-    return ImageFolderDataset(
+def build_diffusion_dataset(
+    data: str | Path, config: DiffusionRunConfig, progress: bool = True
+) -> tuple[ImageFolderDataset, DataConfig]:
+    """The training images with the data config's transforms (deterministic ones when caching),
+    and the data config with its normalisation fitted on them
+    (:func:`~medfusion.data.fitting.fit_normalization`; fitted bounds, e.g. the VAE run's, are kept)."""
+    dataset = ImageFolderDataset(
         data,
-        transform=build_transform(data_config),
-        labels=data_config.labels,
-        skip_bad=data_config.skip_bad,
-        seed=data_config.seed,
+        labels=config.data.labels,
+        skip_bad=config.data.skip_bad,
+        seed=config.data.seed,
         validate="header",
         progress=progress,
     )
+    fitted = fit_normalization(dataset, config.data, progress=progress)
+    seen = fitted.replace(random_crop=False, flip_axes=()) if config.cache_latents else fitted
+    dataset.transform = build_transform(seen)
+    return dataset, fitted
 
 
 def _check_compatible(dataset: ImageFolderDataset, vae: VAE, vae_path) -> tuple[int, ...]:
@@ -189,9 +194,10 @@ def model_info(dataset: ImageFolderDataset, config: DiffusionRunConfig, vae: VAE
         "percentiles": list(data.percentiles),
         "window": list(data.window) if data.window is not None else None,
         "per_channel": data.per_channel,
+        "bounds": [list(pair) for pair in data.bounds] if data.bounds is not None else None,
         "range": [-1.0, 1.0],
     }
-    spacing = data.spacing if data.spacing is not None else dataset.info.spacing
+    spacing, direction = training_geometry(dataset, data)
     return ModelInfo(
         spatial_dims=dataset.spatial_dims,
         image_size=tuple(s * vae.downsampling_factor for s in latent_shape[1:]),
@@ -201,7 +207,9 @@ def model_info(dataset: ImageFolderDataset, config: DiffusionRunConfig, vae: VAE
         scaling_factor=vae.scaling_factor,
         normalization=normalization,
         source_dtype=dataset.info.dtype,
-        spacing=tuple(float(s) for s in spacing) if spacing is not None else None,
+        spacing=spacing,
+        direction=direction,
+        training_data=describe_training_data(dataset),
     )
 
 
@@ -213,7 +221,9 @@ def prepare_diffusion_run(
     out = Path(out)
     run_dir = out / DIFFUSION_DIR
     vae = load_vae(vae_path)
-    dataset = build_diffusion_dataset(data, config, progress=progress and process_state().is_main_process)
+    main = process_state().is_main_process
+    dataset, fitted = build_diffusion_dataset(data, config, progress=progress and main)
+    config = dataclasses.replace(config, data=fitted)
     latent_shape = _check_compatible(dataset, vae, vae_path)
     config = resolved_config(config, dataset, vae)
     dims, channels, classes = vae.config.spatial_dims, vae.config.latent_channels, config.model.num_classes

@@ -23,6 +23,7 @@ from medfusion.autoencoders.losses import VAELoss, VAELossConfig
 from medfusion.autoencoders.vae import VAE, VAEConfig
 from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import DatasetSubset, ImageFolderDataset, build_transform, split_indices
+from medfusion.data.fitting import fit_normalization
 from medfusion.metrics.reconstruction import ReconstructionMeter, psnr
 from medfusion.training.loop import TrainConfig, TrainingTask, TrainResult
 from medfusion.training.run import PreparedRun, execute, seeded
@@ -115,14 +116,19 @@ class VAEDatasets:
     train: Dataset
     heldout: Dataset
     heldout_source: str
+    data: DataConfig  # the run's data config with its normalisation fitted on the training images
 
 
 def build_vae_datasets(data: str | Path, config: VAERunConfig, progress: bool = True) -> VAEDatasets:
-    """Training items (with the random transforms) and held-out items (centre crop, no flips)."""
-    train_tf = build_transform(config.data)
-    eval_tf = build_transform(config.data.replace(random_crop=False, flip_axes=()))
+    """Training items (with the random transforms) and held-out items (centre crop, no flips), with
+    the intensity normalisation fitted on the training folder
+    (:func:`~medfusion.data.fitting.fit_normalization`)."""
     common = dict(labels=config.data.labels, skip_bad=config.data.skip_bad, seed=config.data.seed)
-    full = ImageFolderDataset(data, transform=train_tf, validate="header", progress=progress, **common)
+    full = ImageFolderDataset(data, validate="header", progress=progress, **common)
+    data_config = fit_normalization(full, config.data, progress=progress)
+    train_tf = build_transform(data_config)
+    eval_tf = build_transform(data_config.replace(random_crop=False, flip_axes=()))
+    full.transform = train_tf
     if config.heldout is not None:
         heldout = ImageFolderDataset(
             config.heldout, labels="none", transform=eval_tf, skip_bad=config.data.skip_bad, validate="header"
@@ -132,7 +138,7 @@ def build_vae_datasets(data: str | Path, config: VAERunConfig, progress: bool = 
                 f"{config.heldout}: held-out images are {heldout.spatial_dims}D with {heldout.channels} "
                 f"channel(s); the training images are {full.spatial_dims}D with {full.channels}"
             )
-        return VAEDatasets(full, heldout, str(config.heldout))
+        return VAEDatasets(full, heldout, str(config.heldout), data_config)
     kept, held = split_indices(full.labels, config.heldout_fraction, seed=config.data.seed)
     if not held:
         raise ValueError(
@@ -140,7 +146,7 @@ def build_vae_datasets(data: str | Path, config: VAERunConfig, progress: bool = 
         )
     evaluation = ImageFolderDataset(data, transform=eval_tf, class_names=full.class_names, **common)
     source = f"{len(held)} images held out of {data} (heldout_fraction {config.heldout_fraction})"
-    return VAEDatasets(DatasetSubset(full, kept), DatasetSubset(evaluation, held), source)
+    return VAEDatasets(DatasetSubset(full, kept), DatasetSubset(evaluation, held), source, data_config)
 
 
 @torch.no_grad()
@@ -203,7 +209,7 @@ def prepare_vae_run(
     """
     out = Path(out)
     datasets = build_vae_datasets(data, config, progress=progress and process_state().is_main_process)
-    config = resolved_config(config, datasets.train)
+    config = dataclasses.replace(resolved_config(config, datasets.train), data=datasets.data)
     dims, channels = datasets.train.spatial_dims, datasets.train.channels
     item_shape = tuple(datasets.train[0]["image"].shape)
     probe = config.model.build(dims, channels)

@@ -25,6 +25,7 @@ from medfusion.samplers import (
     DIFFUSION,
     INFO_FILE,
     MANIFEST,
+    README,
     DiffusionGenerator,
     ModelFolderError,
     ModelInfo,
@@ -89,7 +90,7 @@ def sample_files(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in (CARD, MANIFEST)
+        if p.is_file() and p.name not in (CARD, MANIFEST, README)
     }
 
 

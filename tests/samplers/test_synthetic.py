@@ -21,12 +21,14 @@ import SimpleITK as sitk
 import torch
 
 import medfusion.samplers.diffusion_generator as diffusion_generator
+import medfusion.samplers.files as files_module
 import medfusion.samplers.synthetic as synthetic
 from medfusion.cli import main
 from medfusion.data.writers import intensity_mapping
 from medfusion.samplers import (
     CARD,
     MANIFEST,
+    README,
     MedfusionPipeline,
     SamplerConfig,
     model_hash,
@@ -81,7 +83,7 @@ def files_of(root: Path) -> set[str]:
 
 
 def samples_of(root: Path) -> set[str]:
-    return files_of(root) - {MANIFEST, CARD}
+    return files_of(root) - {MANIFEST, CARD, README}
 
 
 def snapshot(root: Path) -> dict | None:
@@ -117,7 +119,7 @@ def hidden(root: Path) -> list[str]:
 def assert_same_samples(a: Path, b: Path) -> None:
     """The same sample files and manifest, byte for byte."""
     assert files_of(a) == files_of(b)
-    for name in sorted(files_of(a) - {CARD}):
+    for name in sorted(files_of(a) - {CARD, README}):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
@@ -137,7 +139,7 @@ def expected_images(model: Path, rows: list[dict], batch_size: int) -> np.ndarra
 
 def test_layout(complete_2d):
     expected = {f"{'ab'[i % 2]}/{i:06d}.png" for i in range(6)}
-    assert files_of(complete_2d) == expected | {MANIFEST, CARD}
+    assert files_of(complete_2d) == expected | {MANIFEST, CARD, README}
     assert sorted(p.name for p in complete_2d.iterdir() if p.is_dir()) == ["a", "b"]
     assert hidden(complete_2d) == []
 
@@ -320,7 +322,7 @@ def test_resume_after_an_interruption(models, complete_2d, tmp_path):
         write(models["2d"], out, callback=callback)
     assert calls == [(4, 6)]
     first = {f"{'ab'[i % 2]}/{i:06d}.png" for i in range(4)}
-    assert files_of(out) == first | {CARD}  # the first batch, no manifest
+    assert files_of(out) == first | {CARD, README}  # the first batch, no manifest
     assert hidden(out) == []
     card = read_card(out)
     assert card["complete"] is False and card["model"]["sha256"] == model_hash(models["2d"])
@@ -345,7 +347,7 @@ def test_resume_after_an_interruption(models, complete_2d, tmp_path):
 def test_resume_after_an_interruption_within_a_batch(models, complete_2d, tmp_path, monkeypatch):
     """Killed between two files of one batch: the complete file is kept, the batch redone."""
     out = tmp_path / "synthetic"
-    write_image = synthetic.write_image
+    write_image = files_module.write_image
     written = []
 
     def failing(path, image):
@@ -354,7 +356,7 @@ def test_resume_after_an_interruption_within_a_batch(models, complete_2d, tmp_pa
         written.append(path)
         return write_image(path, image)
 
-    monkeypatch.setattr(synthetic, "write_image", failing)
+    monkeypatch.setattr(files_module, "write_image", failing)
     with pytest.raises(KeyboardInterrupt):
         write(models["2d"], out)
     monkeypatch.undo()
@@ -608,7 +610,7 @@ def test_ctrl_c_exits_130_with_a_resume_hint(models, tmp_path, monkeypatch, caps
     """An interrupted `medfusion sample` (Ctrl-C after the first batch) keeps its complete files,
     says how to resume, and exits with the shell's status for SIGINT; the rerun completes."""
     out = tmp_path / "synthetic"
-    original = synthetic.write_synthetic_dataset
+    original = synthetic.write_generated_dataset
 
     def interrupted(*args, **kwargs):
         def stop(done, total):
@@ -616,14 +618,14 @@ def test_ctrl_c_exits_130_with_a_resume_hint(models, tmp_path, monkeypatch, caps
 
         return original(*args, **{**kwargs, "callback": stop})
 
-    monkeypatch.setattr(synthetic, "write_synthetic_dataset", interrupted)
+    monkeypatch.setattr(synthetic, "write_generated_dataset", interrupted)
     assert sample(models["2d"], out, "--n", 3, "--batch-size", 2) == 130
     assert (
         "interrupted (complete files are kept: run the same command again to resume)"
         in capsys.readouterr().err
     )
     assert samples_of(out) == {"a/000000.png", "b/000001.png"}
-    monkeypatch.setattr(synthetic, "write_synthetic_dataset", original)
+    monkeypatch.setattr(synthetic, "write_generated_dataset", original)
     assert sample(models["2d"], out, "--n", 3, "--batch-size", 2) == 0
     assert len(samples_of(out)) == 6 and read_card(out)["complete"] is True
 

@@ -17,7 +17,7 @@ import torch
 from medfusion.cli import main
 from medfusion.data import writers
 from medfusion.data.writers import written_file_problem
-from medfusion.samplers import CARD, MANIFEST, save_model_folder, write_synthetic_dataset
+from medfusion.samplers import CARD, MANIFEST, README, save_model_folder, write_synthetic_dataset
 from medfusion.samplers.schedulers import SamplerConfig
 from tests.samplers._sampler_helpers import folder_unet, folder_vae, model_info, scheduler_config
 
@@ -50,7 +50,7 @@ def sample_files(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in root.rglob("*")
-        if p.is_file() and p.name not in (CARD, MANIFEST)
+        if p.is_file() and p.name not in (CARD, MANIFEST, README)
     }
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from medfusion.autoencoders.vae import VAE
 from medfusion.cli import main
-from medfusion.samplers import load_model_folder, sample_latents
+from medfusion.data import read_image
+from medfusion.samplers import SamplerConfig, load_model_folder, sample_latents, write_synthetic_dataset
 
 TINY = [
     "--set",
@@ -134,6 +136,25 @@ def test_train_3d_volumes(crops_3d, tmp_path):
     assert model.unet.config.spatial_dims == 3 and model.info.image_size == (16, 16, 16)
     assert model.info.spacing == pytest.approx((2.0, 2.0, 2.0))
     assert model.info.class_names == ("anatomical", "epi")
+    # the normalisation was fitted on the training files, so samples come back in their units
+    record = model.info.normalization
+    assert record["normalization"] == "dataset" and len(record["bounds"]) == 1
+    values = np.concatenate(
+        [np.asarray(read_image(f).array).ravel() for f in sorted(crops_3d.rglob("*.nii.gz"))]
+    )
+    np.testing.assert_allclose(record["bounds"][0], np.percentile(values, [0.5, 99.5]), rtol=1e-4)
+    assert model.info.training_data["counts"] == {"anatomical": 6, "epi": 6}
+    assert model.info.training_data["dtype"] == "float32"
+    out = tmp_path / "synthetic"
+    write_synthetic_dataset(run / "model", out, n=1, sampler=SamplerConfig("ddim", steps=2), progress=False)
+    for path in sorted(out.glob("*/*.nii.gz")):
+        image = read_image(path)
+        assert image.array.dtype == np.float32 and image.spacing == pytest.approx((2.0, 2.0, 2.0))
+        low, high = record["bounds"][0]
+        assert low - 1e-3 <= image.array.min() and image.array.max() <= high + 1e-3
+    card = json.loads((out / "dataset_card.json").read_text())
+    assert card["files"]["units"].startswith("the training data's units") and card["synthetic"] is True
+    assert "not acquired from any person" in (out / "README.md").read_text()
 
 
 def test_data_settings_default_to_the_vae_run(crops_2d, tmp_path, capsys):

@@ -239,6 +239,10 @@ class DataConfig(Config):
         per_channel: normalise each channel on its own (RGB).
         bounds: for ``dataset``: the fitted (low, high) of each channel (one pair when not
             ``per_channel``); written by the fit into the run's resolved config, None before.
+        fit_per_class: fit ``dataset``'s bounds for each class on its own too (``class_bounds``),
+            so that each class uses the whole [-1, 1] range (classes of very different ranges,
+            e.g. CT and X-ray, in one model); images without a class take ``bounds``.
+        class_bounds: per class name, its fitted ``bounds`` (with ``fit_per_class``).
         flip_axes: spatial axes (array order) flipped at random with probability 1/2.
         labels: CSV ``path,label`` giving the classes (a path is kept as its text), ``"none"``
             (unlabelled); None uses first-level subfolders.
@@ -255,6 +259,8 @@ class DataConfig(Config):
     window: tuple[float, float] | None = None
     per_channel: bool = True
     bounds: tuple[tuple[float, float], ...] | None = None
+    fit_per_class: bool = False
+    class_bounds: dict[str, tuple[tuple[float, float], ...]] | None = None
     flip_axes: tuple[int, ...] = ()
     labels: str | None = None
     skip_bad: bool = False
@@ -291,7 +297,16 @@ class DataConfig(Config):
                 "bounds must be one (low, high) pair of finite numbers per channel, low <= high; "
                 f"got {self.bounds!r}"
             )
-        if self.bounds is not None and self.normalization not in ("auto", "dataset"):
+        if self.class_bounds is not None:
+            from medfusion.data.transforms import _pairs
+
+            if not isinstance(self.class_bounds, dict):
+                raise ValueError(
+                    f"class_bounds must be a mapping of class name to bounds; got {self.class_bounds!r}"
+                )
+            fitted = {str(k): _pairs(v, f"class_bounds[{k!r}]") for k, v in self.class_bounds.items()}
+            object.__setattr__(self, "class_bounds", fitted)
+        if (self.bounds is not None or self.class_bounds) and self.normalization not in ("auto", "dataset"):
             raise ValueError(
                 "bounds are the fitted range of normalization 'dataset'; normalization is "
                 f"{self.normalization!r}"

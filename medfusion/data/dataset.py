@@ -43,6 +43,7 @@ def build_transform(config: DataConfig) -> Compose:
             window=config.window,
             per_channel=config.per_channel,
             bounds=config.bounds,
+            class_bounds=config.class_bounds,
         )
     ]
     if config.spacing is not None:
@@ -200,7 +201,7 @@ class ImageFolderDataset(Dataset):
                 f"dataset is {self.spatial_dims}D with {self.channels} (mixed files; run "
                 "`medfusion data inspect` to list them)"
             )
-        return image
+        return image.replace(label=sample.label)
 
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):

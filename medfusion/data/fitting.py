@@ -7,7 +7,8 @@ Both are written into what the run leaves behind (the resolved ``config.yaml``, 
 - :func:`fit_normalization` turns ``auto`` into the mode it stands for on this dataset (``dtype``
   for 8-bit files, ``window`` for CT, ``dataset`` otherwise) and fits ``dataset``'s ``bounds``:
   the ``percentiles`` of the values of the training files, per channel, read from an even spread
-  of at most ``max_files`` files. Every image is then mapped alike, and the inverse (see
+  of at most ``max_files`` files (and with ``fit_per_class`` each class's own, ``class_bounds``).
+  Every image (of a class) is then mapped alike, and the inverse (see
   :func:`medfusion.data.writers.intensity_mapping`) gives values in the files' own units.
 - :func:`training_geometry` is the spacing and direction of a transformed image, and warns when
   the files' spacings differ while no ``spacing`` resamples them alike.
@@ -57,21 +58,36 @@ def fit_normalization(
                 f"{dataset.channels} channel(s)"
             )
         return config.replace(normalization="dataset")
-    if config.normalization == "auto":
+    if config.normalization == "auto" and not config.fit_per_class:  # per class: always 'dataset'
         mode = NormalizeIntensity("auto", window=config.window).resolve_mode(dataset.read(0))
         if mode in ("dtype", "window"):
             return config.replace(normalization=mode)
-    count = min(max_files, len(dataset))
-    indices = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int))
+    labels = dataset.labels
+    if config.fit_per_class and any(label < 0 for label in labels):
+        raise ValueError(f"fit_per_class needs a class for every file; {dataset.root} has unlabelled files")
+    bounds = _fit(dataset, list(range(len(dataset))), config, max_files, progress, "the intensity range")
+    if not config.fit_per_class:
+        return config.replace(normalization="dataset", bounds=bounds)
+    class_bounds = {}
+    for k, name in enumerate(dataset.class_names):
+        members = [i for i, label in enumerate(labels) if label == k]
+        if members:
+            class_bounds[name] = _fit(dataset, members, config, max_files, progress, f"the range of {name}")
+    return config.replace(normalization="dataset", bounds=bounds, class_bounds=class_bounds)
+
+
+def _fit(dataset, members: list[int], config: DataConfig, max_files: int, progress: bool, what: str):
+    """The ``percentiles`` of the values of an even spread of at most ``max_files`` of ``members``."""
+    count = min(max_files, len(members))
+    picks = np.unique(np.linspace(0, len(members) - 1, count).round().astype(int))
     rng = np.random.default_rng(config.seed)
     values: list[torch.Tensor] = []
-    for index in tqdm(indices, desc="fitting the intensity range", unit="file", disable=not progress):
-        values.append(_subsample(dataset.read(int(index)), rng, config.per_channel))
+    for pick in tqdm(picks, desc=f"fitting {what}", unit="file", disable=not progress):
+        values.append(_subsample(dataset.read(members[int(pick)]), rng, config.per_channel))
     pooled = torch.cat(values, dim=1).double()
     q = torch.tensor(config.percentiles, dtype=torch.float64) / 100.0
     low, high = _quantile(pooled, q).unbind(0)
-    bounds = tuple((float(lo), float(hi)) for lo, hi in zip(low.tolist(), high.tolist()))
-    return config.replace(normalization="dataset", bounds=bounds)
+    return tuple((float(lo), float(hi)) for lo, hi in zip(low.tolist(), high.tolist()))
 
 
 def _subsample(image: MedicalImage, rng: np.random.Generator, per_channel: bool) -> torch.Tensor:

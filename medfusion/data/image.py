@@ -50,7 +50,8 @@ class MedicalImage:
     """Pixel data of shape ``(C, *spatial)`` plus its geometry. See the module docstring.
 
     ``array`` is a numpy array as read (dtype kept) or, after intensity normalisation, a float32
-    ``torch.Tensor``.
+    ``torch.Tensor``. ``label`` is the class of a dataset's item (None: unknown or unlabelled), for
+    transforms that depend on it (per-class intensity bounds).
     """
 
     array: Any
@@ -59,6 +60,7 @@ class MedicalImage:
     direction: tuple[float, ...]
     path: str = ""
     modality: str = ""
+    label: str | None = None
 
     def __post_init__(self) -> None:
         ndim = len(self.array.shape) - 1

@@ -29,7 +29,7 @@ exactly to the training data's units (:func:`medfusion.data.writers.intensity_ma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -85,6 +85,8 @@ class NormalizeIntensity:
         per_channel: compute percentiles / min-max per channel (RGB) rather than over all.
         bounds: (low, high) per channel (one pair: every channel alike), for ``dataset``: fitted on
             the training set by :func:`medfusion.data.fitting.fit_normalization`.
+        class_bounds: for ``dataset``, per class name its own ``bounds``, used for images whose
+            ``label`` names the class (the others take ``bounds``).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class NormalizeIntensity:
         window: tuple[float, float] | None = None,
         per_channel: bool = True,
         bounds: Sequence[Sequence[float]] | None = None,
+        class_bounds: Mapping[str, Sequence[Sequence[float]]] | None = None,
     ):
         if mode not in NORMALIZATION_MODES:
             raise ValueError(f"mode must be one of {NORMALIZATION_MODES}; got {mode!r}")
@@ -109,14 +112,10 @@ class NormalizeIntensity:
                 "normalization 'dataset' needs the bounds fitted on the training set "
                 "(medfusion.data.fitting.fit_normalization)"
             )
-        if bounds is not None:
-            bounds = tuple((float(lo), float(hi)) for lo, hi in bounds)
-            if not bounds or any(
-                not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi) for lo, hi in bounds
-            ):
-                raise ValueError(
-                    f"bounds must be (low, high) pairs of finite numbers, low <= high; got {bounds}"
-                )
+        bounds = _pairs(bounds, "bounds") if bounds is not None else None
+        self.class_bounds = {
+            str(k): _pairs(v, f"class_bounds[{k!r}]") for k, v in (class_bounds or {}).items()
+        }
         self.mode = mode
         self.percentiles = (float(low), float(high))
         self.window = window
@@ -136,7 +135,9 @@ class NormalizeIntensity:
             return "window"
         return "percentile"
 
-    def _bounds(self, x: torch.Tensor, mode: str, dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bounds(
+        self, x: torch.Tensor, mode: str, dtype: np.dtype, label: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.reshape(x.shape[0], -1) if self.per_channel else x.reshape(1, -1)
         if mode == "percentile":
             q = torch.tensor(self.percentiles, dtype=torch.float64) / 100.0
@@ -144,12 +145,12 @@ class NormalizeIntensity:
         elif mode == "minmax":
             lo, hi = flat.amin(dim=1), flat.amax(dim=1)
         elif mode == "dataset":
-            if len(self.bounds) not in (1, x.shape[0]):
+            bounds = self.class_bounds.get(label, self.bounds) if label is not None else self.bounds
+            if len(bounds) not in (1, x.shape[0]):
                 raise ValueError(
-                    f"normalization 'dataset' has bounds for {len(self.bounds)} channels; the image has "
-                    f"{x.shape[0]}"
+                    f"normalization 'dataset' has bounds for {len(bounds)} channels; the image {x.shape[0]}"
                 )
-            lo, hi = torch.tensor(self.bounds, dtype=torch.float32).unbind(1)
+            lo, hi = torch.tensor(bounds, dtype=torch.float32).unbind(1)
         elif mode == "window":
             low, high = self.window or CT_WINDOW
             lo, hi = torch.tensor([low]), torch.tensor([high])
@@ -169,7 +170,7 @@ class NormalizeIntensity:
         mode = self.resolve_mode(image)
         dtype = np.dtype(str(image.array.dtype).replace("torch.", ""))
         x = as_float_tensor(image.array)
-        lo, hi = self._bounds(x, mode, dtype)
+        lo, hi = self._bounds(x, mode, dtype, image.label)
         shape = (-1,) + (1,) * image.spatial_dims
         lo, hi = lo.reshape(shape), hi.reshape(shape)
         scale = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
@@ -179,6 +180,14 @@ class NormalizeIntensity:
 
     def __repr__(self) -> str:
         return f"NormalizeIntensity(mode={self.mode!r})"
+
+
+def _pairs(values: Sequence[Sequence[float]], name: str) -> tuple[tuple[float, float], ...]:
+    """``values`` as (low, high) pairs of finite floats with low <= high, at least one."""
+    pairs = tuple((float(lo), float(hi)) for lo, hi in values)
+    if not pairs or any(not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi) for lo, hi in pairs):
+        raise ValueError(f"{name} must be (low, high) pairs of finite numbers, low <= high; got {values}")
+    return pairs
 
 
 def _quantile(flat: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -251,7 +251,7 @@ PNG_DTYPES = ("uint8", "uint16")
 
 
 def intensity_mapping(
-    suffix: str, source_dtype: str = "uint8", normalization: dict | None = None
+    suffix: str, source_dtype: str = "uint8", normalization: dict | None = None, label: str | None = None
 ) -> IntensityMapping:
     """How to store generated images in a ``suffix`` file like training data of ``source_dtype``.
 
@@ -267,7 +267,8 @@ def intensity_mapping(
         suffix: the file format, e.g. ``.png``, ``.tif`` or ``.nii.gz``.
         source_dtype: numpy dtype name of the training files.
         normalization: the model's normalisation record (``normalization`` mode, ``window``,
-            ``bounds``).
+            ``bounds``, ``class_bounds``).
+        label: the class of the images (their own bounds where ``class_bounds`` has them).
     """
     from medfusion.data.transforms import CT_WINDOW
 
@@ -288,11 +289,17 @@ def intensity_mapping(
     elif mode == "window":
         low, high = ((float(v),) for v in (record.get("window") or CT_WINDOW))
     elif mode == "dataset" and record.get("bounds"):
-        low, high = (tuple(float(pair[i]) for pair in record["bounds"]) for i in (0, 1))
+        bounds = (record.get("class_bounds") or {}).get(label) or record["bounds"]
+        low, high = (tuple(float(pair[i]) for pair in bounds) for i in (0, 1))
     else:
         return relative
+    if mode == "dataset":  # one dtype for every class: the widest bounds decide
+        every = [record["bounds"], *(record.get("class_bounds") or {}).values()]
+        lowest, highest = min(p[0] for b in every for p in b), max(p[1] for b in every for p in b)
+    else:
+        lowest, highest = min(low), max(high)
     fits = np.issubdtype(source, np.integer) and (
-        np.iinfo(source).min <= min(low) and max(high) <= np.iinfo(source).max
+        np.iinfo(source).min <= lowest and highest <= np.iinfo(source).max
     )
     dtype = source.name if fits else "float32"
     if suffix in PNG_SUFFIXES and dtype not in PNG_DTYPES:

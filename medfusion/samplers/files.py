@@ -85,6 +85,17 @@ class SampleFiles:
         if self.dicom and info.channels == 3 and self.mapping.dtype != "uint8":
             self.mapping = IntensityMapping("uint8", 0.0, 255.0, physical=False)  # DICOM RGB is 8-bit
         self.modality = str(info.training_data.get("modality") or "") or "OT"
+        self._mappings: dict[str, IntensityMapping] = {}
+
+    def mapping_for(self, label: str) -> IntensityMapping:
+        """The mapping of the images of class ``label`` (its own fitted bounds, if any)."""
+        if not (self.info.normalization.get("class_bounds") or {}).get(label) or not self.mapping.physical:
+            return self.mapping
+        if label not in self._mappings:
+            units_of = ".nii.gz" if self.dicom else self.suffix
+            record = self.info.normalization
+            self._mappings[label] = intensity_mapping(units_of, self.info.source_dtype, record, label)
+        return self._mappings[label]
 
     @property
     def dtype(self) -> str:
@@ -95,7 +106,17 @@ class SampleFiles:
 
     def describe(self) -> str:
         what = "a DICOM series per sample" if self.suffix == SERIES else self.suffix
-        return f"{what}: {self.mapping.describe()}"
+        text = f"{what}: {self.mapping.describe()}"
+        classes = sorted(self.info.normalization.get("class_bounds") or {})
+        if classes:
+            text += "; per class: " + "; ".join(f"{c} {self.mapping_for(c).describe()}" for c in classes)
+        mode = self.info.normalization.get("normalization", "auto")
+        if not self.mapping.physical and mode in ("auto", "percentile", "minmax"):
+            text += (
+                f"; the model normalised each training image on its own ({mode}), so its images have "
+                "no units: train with normalization auto or dataset for the training data's units"
+            )
+        return text
 
     def present(self, path: Path) -> bool:
         """Whether a sample is at ``path`` (a file; a folder for a DICOM series)."""
@@ -128,14 +149,15 @@ class SampleFiles:
 
     def write(self, path: Path, image: np.ndarray, label: str, seed: int, index: int) -> None:
         """Write the generated ``image`` (C, *spatial) in [-1, 1] of class ``label`` to ``path``."""
-        values = self.mapping(image)
+        mapping = self.mapping_for(label)
+        values = mapping(image)
         info = self.info
         if not self.dicom:
             write_image(path, MedicalImage.from_array(values, spacing=info.spacing, direction=info.direction))
             return
         from medfusion.data.dicom import right_handed, write_dicom_image, write_dicom_series
 
-        stored, slope, intercept = _dicom_storage(values, self.mapping)
+        stored, slope, intercept = _dicom_storage(values, mapping)
         dicom_info = self._dicom_info(label, seed, index, slope, intercept)
         spacing = info.spacing or (1.0,) * info.spatial_dims
         if self.suffix == SERIES:

@@ -87,7 +87,15 @@ _SCHEDULER_RANGES = {
     "steps_offset": (lambda v: v >= 0, ">= 0"),
 }
 # the keys of the normalisation record: DataConfig's intensity fields and the tensors' range
-_NORMALIZATION_KEYS = ("normalization", "percentiles", "window", "per_channel", "bounds", "range")
+_NORMALIZATION_KEYS = (
+    "normalization",
+    "percentiles",
+    "window",
+    "per_channel",
+    "bounds",
+    "class_bounds",
+    "range",
+)
 _NUMERIC_DTYPE_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # a window beyond it cannot be written as float32
 
@@ -247,17 +255,28 @@ def _check_normalization(record: Any) -> None:
         _check_pair("normalization.range", record["range"])
     bounds = record.get("bounds")
     if bounds is not None:
-        if not isinstance(bounds, list | tuple) or not bounds:
-            raise ValueError(f"normalization.bounds must be null or [low, high] pairs; got {bounds!r}")
-        for i, pair in enumerate(bounds):
-            constant = isinstance(pair, list | tuple) and len(pair) == 2 and pair[0] == pair[1]
-            if constant and _is_number(pair[0]):
-                continue  # a channel of one value
-            _check_pair(f"normalization.bounds[{i}]", pair, -_FLOAT32_MAX, _FLOAT32_MAX)
+        _check_bounds("normalization.bounds", bounds)
+    class_bounds = record.get("class_bounds")
+    if class_bounds is not None:
+        if not isinstance(class_bounds, dict):
+            raise ValueError(f"normalization.class_bounds must be null or a mapping; got {class_bounds!r}")
+        for name, pairs in class_bounds.items():
+            _check_bounds(f"normalization.class_bounds[{name!r}]", pairs)
     if mode == "dataset" and bounds is None:
         raise ValueError("normalization.bounds must be given for normalization 'dataset' (the fitted range)")
     if not isinstance(record.get("per_channel", True), bool):
         raise ValueError(f"normalization.per_channel must be true or false; got {record['per_channel']!r}")
+
+
+def _check_bounds(name: str, bounds: Any) -> None:
+    """Fitted bounds: [low, high] pairs (one per channel), low <= high."""
+    if not isinstance(bounds, list | tuple) or not bounds:
+        raise ValueError(f"{name} must be null or [low, high] pairs; got {bounds!r}")
+    for i, pair in enumerate(bounds):
+        constant = isinstance(pair, list | tuple) and len(pair) == 2 and pair[0] == pair[1]
+        if constant and _is_number(pair[0]):
+            continue  # a channel of one value
+        _check_pair(f"{name}[{i}]", pair, -_FLOAT32_MAX, _FLOAT32_MAX)
 
 
 def _check_source_dtype(name: Any) -> None:

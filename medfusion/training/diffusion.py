@@ -195,6 +195,7 @@ def model_info(dataset: ImageFolderDataset, config: DiffusionRunConfig, vae: VAE
         "window": list(data.window) if data.window is not None else None,
         "per_channel": data.per_channel,
         "bounds": [list(pair) for pair in data.bounds] if data.bounds is not None else None,
+        "class_bounds": {k: [list(pair) for pair in v] for k, v in (data.class_bounds or {}).items()} or None,
         "range": [-1.0, 1.0],
     }
     spacing, direction = training_geometry(dataset, data)

@@ -175,3 +175,32 @@ def test_describe_training_data(tmp_path, real_gray_16bit):
         "dtype": "uint16",
         "modality": "",
     }
+
+
+def test_per_class_bounds_give_each_class_the_whole_range_and_its_values_back(tmp_path, real_gray_16bit):
+    """Classes of very different ranges (e.g. CT around 1000 and X-ray around 30000) in one model."""
+    crops = gray_crops(real_gray_16bit, 6, size=16)
+    arrays = [c // 16 + (30000 if i % 2 else 900) for i, c in enumerate(crops)]  # class a: odd, b: even
+    root = _folder(tmp_path, [a.astype(np.uint16) for a in arrays], ".png")
+    dataset = _dataset(root)
+    fitted = fit_normalization(dataset, DataConfig(fit_per_class=True, percentiles=(0.0, 100.0)))
+    for name, members in (("a", arrays[1::2]), ("b", arrays[0::2])):
+        values = np.concatenate([m.ravel() for m in members])
+        assert fitted.class_bounds[name] == ((float(values.min()), float(values.max())),)
+    assert fitted.bounds == ((float(min(a.min() for a in arrays)), float(max(a.max() for a in arrays))),)
+    record = {"normalization": "dataset", "bounds": [list(fitted.bounds[0])],
+              "class_bounds": {k: [list(v[0])] for k, v in fitted.class_bounds.items()}}  # fmt: skip
+    transform = build_transform(fitted)
+    seen: dict[str, list[np.ndarray]] = {"a": [], "b": []}
+    for i in range(len(dataset)):
+        image = dataset.read(i)
+        x = transform(image, np.random.default_rng(0)).array.numpy()
+        seen[image.label].append(x)
+        mapping = intensity_mapping(".png", "uint16", record, image.label)
+        np.testing.assert_array_equal(mapping(x), np.asarray(image.array))
+    for values in seen.values():  # each class spans the whole range on its own
+        assert min(v.min() for v in values) == -1.0 and max(v.max() for v in values) == 1.0
+    unlabelled = _folder(tmp_path, [arrays[0].astype(np.uint16)], ".png", name="flat")
+    (unlabelled / "b" / "000.png").rename(unlabelled / "000.png")
+    with pytest.raises(ValueError, match="fit_per_class needs a class for every file"):
+        fit_normalization(ImageFolderDataset(unlabelled, labels="none"), DataConfig(fit_per_class=True))

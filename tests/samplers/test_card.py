@@ -186,3 +186,74 @@ def test_float_values_are_rescaled_into_16_bits(tmp_path):
     np.testing.assert_allclose(read_image(path).array, read_image(nifti / "a/000000.nii.gz").array, atol=1e-3)
     pydicom = pytest.importorskip("pydicom")
     assert pydicom.dcmread(path).Modality == "OT"  # MR images carry no rescale: secondary capture
+
+
+def test_rgb_histology_as_dicom_secondary_capture(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    import torch
+
+    from tests.samplers._toy_generator import ToyNet
+
+    training = {**TRAINING, "modality": "SM", "dtype": "uint8"}
+    info = dataclasses.replace(
+        toy_info(2),
+        channels=3,
+        source_dtype="uint8",
+        normalization={"normalization": "dtype"},
+        training_data=training,
+    )
+    torch.manual_seed(0)
+    generator = ToyGenerator(ToyNet(2, channels=3).eval(), info)
+    out, png = tmp_path / "histology", tmp_path / "png"
+    _write(generator, out, file_format="dicom")
+    _write(generator, png)
+    path = out / "a" / "000000.dcm"
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and ds.PhotometricInterpretation == "RGB"
+    assert ds.Modality == "SM" and str(ds.PatientName) == "SYNTHETIC^a"
+    # the same 8-bit values as the PNG of the same seed
+    np.testing.assert_array_equal(read_image(path).array, read_image(png / "a" / "000000.png").array)
+    assert json.loads((out / CARD).read_text())["files"]["units"].startswith("the training data's units")
+
+
+def test_an_older_model_says_its_scale_is_relative(tmp_path):
+    lines = []
+    write_generated_dataset(_generator(), tmp_path / "old", n=1, progress=False, log=lines.append)
+    assert "normalised each training image on its own (percentile)" in "\n".join(lines)
+
+
+def test_per_class_bounds_map_each_class_back_to_its_own_range(tmp_path):
+    normalization = {"normalization": "dataset", "bounds": [[900.0, 32000.0]],
+                     "class_bounds": {"a": [[900.0, 2000.0]], "b": [[28000.0, 32000.0]]}}  # fmt: skip
+    out = tmp_path / "synthetic"
+    _write(_generator(normalization=normalization), out)
+    for label, (low, high) in (("a", (900, 2000)), ("b", (28000, 32000))):
+        values = np.concatenate(
+            [np.asarray(read_image(p).array).ravel() for p in (out / label).glob("*.png")]
+        )
+        assert values.min() >= low and values.max() <= high and np.ptp(values) > (high - low) / 4
+    card = json.loads((out / CARD).read_text())
+    assert card["files"]["intensity_per_class"]["a"].startswith("[-1, 1] -> [900, 2000] as uint16")
+    with pytest.raises(ValueError, match=r"normalization.class_bounds\['a'\]\[0\] must be \[low, high\]"):
+        dataclasses.replace(toy_info(2), normalization={**normalization, "class_bounds": {"a": [[5, 1]]}})
+
+
+def test_a_left_handed_training_direction_gives_the_same_voxels_in_a_dicom_series(tmp_path):
+    """DICOM orders slices along row x column: a left-handed direction (as NIfTI files often have)
+    is written with its slices reversed and the origin at the other end: the same voxels in space."""
+    sitk = pytest.importorskip("SimpleITK")
+    direction = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    generator = _ct_generator(3, direction=direction, spacing=(1.0, 1.0, 2.0))
+    _write(generator, tmp_path / "series", file_format="dicom")
+    _write(generator, tmp_path / "nifti", file_format="nifti")
+    reference = sitk.ReadImage(str(tmp_path / "nifti" / "a" / "000000.nii.gz"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "series" / "a" / "000000")))
+    series = reader.Execute()
+    assert np.linalg.det(np.reshape(series.GetDirection(), (3, 3))) > 0
+    on_grid = sitk.Resample(
+        series, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, series.GetPixelID()
+    )
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(on_grid), sitk.GetArrayFromImage(reference))
+    flipped = np.asarray(read_image(tmp_path / "series" / "a" / "000000").array)[:, ::-1]
+    np.testing.assert_array_equal(flipped, read_image(tmp_path / "nifti" / "a" / "000000.nii.gz").array)

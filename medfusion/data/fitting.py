@@ -112,7 +112,9 @@ def training_geometry(dataset, config: DataConfig) -> tuple[tuple[float, ...], t
     from medfusion.data.dataset import build_transform
 
     first = dataset.read(0)
-    fixed = config.replace(random_crop=False, flip_axes=(), normalization="minmax", bounds=None)
+    fixed = config.replace(
+        random_crop=False, flip_axes=(), normalization="minmax", bounds=None, class_bounds=None
+    )
     seen = build_transform(fixed)(first, np.random.default_rng(0))
     spacing = tuple(float(s) for s in seen.spacing)
     headers = getattr(dataset, "headers", None) or ()

@@ -200,6 +200,7 @@ def test_per_class_bounds_give_each_class_the_whole_range_and_its_values_back(tm
         np.testing.assert_array_equal(mapping(x), np.asarray(image.array))
     for values in seen.values():  # each class spans the whole range on its own
         assert min(v.min() for v in values) == -1.0 and max(v.max() for v in values) == 1.0
+    assert training_geometry(dataset, fitted)[0] == pytest.approx((1.0, 1.0))  # a fitted config's geometry
     unlabelled = _folder(tmp_path, [arrays[0].astype(np.uint16)], ".png", name="flat")
     (unlabelled / "b" / "000.png").rename(unlabelled / "000.png")
     with pytest.raises(ValueError, match="fit_per_class needs a class for every file"):

@@ -37,6 +37,7 @@ DEFAULT_INTENDED_USE = (
     "validation on real data."
 )
 NO_LICENCE = "not stated: ask the dataset's creator before redistributing"
+_LABELS = {"fid": "FID", "kid": "KID", "intensity_relative_w1": "Intensity W1 (relative to the real range)"}
 
 
 def units(physical: bool, modality: str) -> str:
@@ -83,6 +84,15 @@ def update_card(out: str | Path, **entries: Any) -> dict:
     card.update(entries)
     write_card(out, card)
     return card
+
+
+def _plain(value: Any) -> str:
+    """A value in words: numbers to 4 significant digits, lists joined."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(_plain(v) for v in value)
+    return str(value)
 
 
 def _line(label: str, value: Any) -> str:
@@ -149,7 +159,12 @@ def readme(card: Mapping[str, Any]) -> str:
     evaluation = card.get("evaluation")
     lines += ["", "## Evaluation", ""]
     if evaluation:
-        lines += [_line(key.replace("_", " ").capitalize(), value) for key, value in evaluation.items()]
+        for key, value in evaluation.items():
+            label = _LABELS.get(key, key.replace("_", " ").capitalize())
+            if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                lines += [_line(label, ""), *(f"  - {v}" for v in value)]
+            else:
+                lines.append(_line(label, _plain(value)))
     else:
         lines.append("None recorded (medfusion evaluate, or sample with an evaluation, adds it).")
     return "\n".join(lines) + "\n"

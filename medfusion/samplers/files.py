@@ -176,7 +176,7 @@ class SampleFiles:
         if modality == "MR" and (slope, intercept) != (1.0, 0.0):
             modality = "OT"  # the MR IOD has no rescale: values that need one go as secondary capture
         key = [self.digest, str(self.seed)]
-        series = [*key, label] if self.suffix != SERIES else [*key, str(index)]
+        series = [*key, str(index)]  # a series per sample: 2D files of one series would read as a volume
         return SyntheticDicomInfo(
             class_name=label,
             seed=seed,

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from medfusion.data import read_image
+from medfusion.data import ImageFolderDataset, read_image
 from medfusion.samplers import CARD, README, update_card, write_generated_dataset
 from medfusion.samplers.card import DEFAULT_INTENDED_USE, NO_LICENCE, NO_PRIVACY_GUARANTEE, readme
 from tests.samplers._toy_generator import ToyGenerator, toy_info, toy_net
@@ -51,7 +51,7 @@ def test_defaults_and_an_evaluation_added_later(tmp_path):
     updated = update_card(out, evaluation=summary)
     assert json.loads((out / CARD).read_text()) == updated and updated["evaluation"] == summary
     text = (out / README).read_text()
-    assert "**Fid:** 12.5" in text and "no sample closer" in text
+    assert "**FID:** 12.5" in text and "**Precision:** 0.71" in text and "no sample closer" in text
     with pytest.raises(ValueError, match=f"no readable {CARD}"):
         update_card(tmp_path / "elsewhere", licence="x")
 
@@ -140,6 +140,10 @@ def test_2d_dicom_files_hold_hounsfield_units_and_say_they_are_synthetic(tmp_pat
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
     other = pydicom.dcmread(files[-1])
     assert ds.StudyInstanceUID == other.StudyInstanceUID and ds.SOPInstanceUID != other.SOPInstanceUID
+    # each image its own series, so that a class folder reads as 2D images, not as one volume
+    assert len({pydicom.dcmread(p).SeriesInstanceUID for p in files}) == 4
+    dataset = ImageFolderDataset(out)
+    assert dataset.spatial_dims == 2 and len(dataset) == 4 and dataset.class_names == ("a", "b")
     card = json.loads((out / CARD).read_text())
     assert card["files"]["format"] == "dicom" and card["files"]["units"].endswith("Hounsfield units (CT)")
     # a rerun resumes: nothing is written twice

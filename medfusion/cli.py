@@ -210,6 +210,14 @@ def _train_vae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_gan(args: argparse.Namespace) -> int:
+    from medfusion.baselines.gan import GANRunConfig, train_gan
+
+    config = _training_config(GANRunConfig, args, args.out / "config.yaml", arch=args.arch)
+    train_gan(args.data, args.out, config, resume=args.resume, dry_run=args.dry_run, progress=not args.quiet)
+    return 0
+
+
 def _vae_run_data(vae: Path) -> dict:
     """The data section of the VAE run's config (its size, normalisation ...), ``train``'s default."""
     from medfusion.config import load_mapping
@@ -260,6 +268,7 @@ def _sampler_config(args: argparse.Namespace):
 
 
 def _sample(args: argparse.Namespace) -> int:
+    import medfusion.baselines  # noqa: F401  (registers the GAN kinds)
     from medfusion.samplers.diffusion_generator import DiffusionGenerator
     from medfusion.samplers.model_folder import DIFFUSION, read_model_kind
     from medfusion.samplers.synthetic import check_request
@@ -509,6 +518,21 @@ def _add_training_parsers(commands) -> None:
     )
     _add_training_options(diffusion, "data, model, diffusion, train, preview")
     diffusion.set_defaults(run=_train)
+
+    from medfusion.baselines.arch import ARCHITECTURES
+
+    gan = commands.add_parser(
+        "train-gan",
+        help="train a class-conditional GAN baseline (WGAN-GP, StyleGAN2)",
+        description="Train a GAN baseline on DATA with the same data handling and training loop as the "
+        "diffusion model. Writes RUN/checkpoints, RUN/logs (TensorBoard, metrics.jsonl, sample grids), "
+        "RUN/config.yaml and, at the end, the model folder RUN/model, which medfusion sample reads like a "
+        "diffusion model's. train.max_steps counts discriminator steps.",
+    )
+    _option(gan, "--out", metavar="RUN", help="run folder")
+    gan.add_argument("--arch", choices=tuple(ARCHITECTURES), help="architecture (default wgan-gp)")
+    _add_training_options(gan, "data, arch, model, gan, train, preview")
+    gan.set_defaults(run=_train_gan)
 
 
 def _add_features_parsers(commands) -> None:
@@ -769,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sample": " (complete files are kept: run the same command again to resume)",
             "train": " (continue from the last checkpoint with --resume)",
             "train-vae": " (continue from the last checkpoint with --resume)",
+            "train-gan": " (continue from the last checkpoint with --resume)",
             "features": " (continue from the last checkpoint with --resume)",
             "demo": " (run it again with --force to start over)",
         }

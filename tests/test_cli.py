@@ -202,6 +202,7 @@ SHARED = {
     ("evaluate",): {"--quiet", "--device", "--seed", "--batch-size", "--labels", "--skip-bad", "--features"},
     ("evaluate-vae",): {"--quiet", "--device", "--batch-size", "--vae", "--data", "--max-pixels"},
     ("sample",): {"--quiet", "--device", "--seed", "--batch-size", "--dry-run", "--out"},
+    ("train-gan",): {"--quiet", "--config", "--resume", "--dry-run", "--data", "--out", "--set", "--arch"},
 }
 
 

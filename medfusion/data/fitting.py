@@ -147,3 +147,18 @@ def describe_training_data(dataset) -> dict:
         "dtype": dataset.info.dtype,
         "modality": dataset.read(0).modality,
     }
+
+
+def normalization_record(data: DataConfig) -> dict:
+    """The intensity normalisation a model folder records (``medfusion.json``'s ``normalization``):
+    the data config's fields, fitted bounds included, and the range of the tensors; what
+    :func:`medfusion.data.writers.intensity_mapping` inverts."""
+    return {
+        "normalization": data.normalization,
+        "percentiles": list(data.percentiles),
+        "window": list(data.window) if data.window is not None else None,
+        "per_channel": data.per_channel,
+        "bounds": [list(pair) for pair in data.bounds] if data.bounds is not None else None,
+        "class_bounds": {k: [list(pair) for pair in v] for k, v in (data.class_bounds or {}).items()} or None,
+        "range": [-1.0, 1.0],
+    }

@@ -441,7 +441,7 @@ def load_model_folder(
     info = _read_info(path / INFO_FILE)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler = _scheduler_from_config(_read_json(scheduler_file), str(scheduler_file))
-    skeletons = {name: _network_skeleton(path / name / "config.json", cls) for name, cls in _NETWORKS.items()}
+    skeletons = {name: network_skeleton(path / name / "config.json", cls) for name, cls in _NETWORKS.items()}
     _check_parts(skeletons["unet"], skeletons["vae"], info, path)
     parts = {name: _load_weights(path / name, cls) for name, cls in _NETWORKS.items()}
     unet, vae = parts["unet"], parts["vae"]
@@ -570,9 +570,11 @@ def _check_scheduler_config(config: dict, where: str) -> None:
         )
 
 
-def _network_skeleton(file: Path, cls: type[UNet] | type[VAE]) -> UNet | VAE:
-    """The network of ``config.json`` built on the meta device (its own argument checks run; no
-    memory is taken, no weights are read)."""
+def network_skeleton(file: Path, cls: type):
+    """The network of class ``cls`` (a diffusers ``ModelMixin, ConfigMixin``: the U-Net, the VAE, a
+    GAN generator) that ``config.json`` describes, built on the meta device after checking the
+    file against the constructor (its own argument checks run; no memory is taken, no weights are
+    read, nothing from the folder is executed)."""
     config = _read_json(file)
     renamed = getattr(cls, "renamed_config_keys", {})  # names of earlier versions, read as today's
     config = {renamed.get(key, key): value for key, value in config.items()}

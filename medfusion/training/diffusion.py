@@ -19,7 +19,12 @@ from torch.utils.data import Dataset
 from medfusion.autoencoders.vae import VAE
 from medfusion.config import Config, DataConfig
 from medfusion.data.dataset import ImageFolderDataset, build_transform
-from medfusion.data.fitting import describe_training_data, fit_normalization, training_geometry
+from medfusion.data.fitting import (
+    describe_training_data,
+    fit_normalization,
+    normalization_record,
+    training_geometry,
+)
 from medfusion.diffusion.objective import DiffusionConfig, DiffusionObjective
 from medfusion.diffusion.unet import UNet, UNetConfig
 from medfusion.samplers.model_folder import ModelInfo, save_model_folder
@@ -189,15 +194,6 @@ def resolved_config(config: DiffusionRunConfig, dataset, vae: VAE) -> DiffusionR
 
 def model_info(dataset: ImageFolderDataset, config: DiffusionRunConfig, vae: VAE, latent_shape) -> ModelInfo:
     data = config.data
-    normalization = {
-        "normalization": data.normalization,
-        "percentiles": list(data.percentiles),
-        "window": list(data.window) if data.window is not None else None,
-        "per_channel": data.per_channel,
-        "bounds": [list(pair) for pair in data.bounds] if data.bounds is not None else None,
-        "class_bounds": {k: [list(pair) for pair in v] for k, v in (data.class_bounds or {}).items()} or None,
-        "range": [-1.0, 1.0],
-    }
     spacing, direction = training_geometry(dataset, data)
     return ModelInfo(
         spatial_dims=dataset.spatial_dims,
@@ -206,7 +202,7 @@ def model_info(dataset: ImageFolderDataset, config: DiffusionRunConfig, vae: VAE
         latent_shape=tuple(latent_shape),
         class_names=tuple(dataset.class_names) if config.model.num_classes is not None else (),
         scaling_factor=vae.scaling_factor,
-        normalization=normalization,
+        normalization=normalization_record(data),
         source_dtype=dataset.info.dtype,
         spacing=spacing,
         direction=direction,

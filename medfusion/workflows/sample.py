@@ -96,6 +96,7 @@ def run_sample(
     Returns:
         What was written, and the card's evaluation summary (None without an evaluation).
     """
+    import medfusion.baselines  # noqa: F401  (registers the GAN kinds with load_generator)
     from medfusion.samplers import load_generator, synthetic
 
     synthetic.check_request(Path(out), n, seed, batch_size)  # before the model is loaded

@@ -19,6 +19,7 @@ LAUNCHERS = ("accelerate", "torchrun")
 SHORTEN = {
     "train-vae": ["--max-steps", "2", "--batch-size", "2"],
     "train": ["--max-steps", "2", "--batch-size", "2"],
+    "train-gan": ["--max-steps", "2", "--batch-size", "2"],
     "features": ["--max-steps", "2", "--batch-size", "4"],
     "sample": ["--n", "1", "--steps", "2"],
     "evaluate": ["--feature-steps", "2"],

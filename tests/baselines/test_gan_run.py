@@ -35,18 +35,6 @@ from medfusion.training.state_io import load_state
 TINY_MODEL = {"base_channels": 8, "levels": 2, "z_dim": 8, "norm_num_groups": 4}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each test builds its own Accelerator."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def crops_2d(tmp_path_factory) -> Path:
     """16x16 grey crops of two real images (fundus, camera), 8 per class, 8-bit PNG."""

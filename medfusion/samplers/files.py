@@ -79,37 +79,28 @@ class SampleFiles:
         self.generator = generator or "medfusion"
         self.dicom = suffix in (SERIES, ".dcm")
         # DICOM: the units first (as for volumes), then how they are stored (see _dicom_storage)
-        self.mapping = intensity_mapping(
-            ".nii.gz" if self.dicom else suffix, info.source_dtype, info.normalization
-        )
+        units_of = ".nii.gz" if self.dicom else suffix
+        self.mapping = intensity_mapping(units_of, info.source_dtype, info.normalization)
         if self.dicom and info.channels == 3 and self.mapping.dtype != "uint8":
             self.mapping = IntensityMapping("uint8", 0.0, 255.0, physical=False)  # DICOM RGB is 8-bit
+        classes = (info.normalization.get("class_bounds") or {}) if self.mapping.physical else {}
+        self.class_mappings = {  # classes fitted on their own: their own bounds
+            label: intensity_mapping(units_of, info.source_dtype, info.normalization, label)
+            for label in classes
+        }
         self.modality = str(info.training_data.get("modality") or "") or "OT"
-        self._mappings: dict[str, IntensityMapping] = {}
 
     def mapping_for(self, label: str) -> IntensityMapping:
         """The mapping of the images of class ``label`` (its own fitted bounds, if any)."""
-        if not (self.info.normalization.get("class_bounds") or {}).get(label) or not self.mapping.physical:
-            return self.mapping
-        if label not in self._mappings:
-            units_of = ".nii.gz" if self.dicom else self.suffix
-            record = self.info.normalization
-            self._mappings[label] = intensity_mapping(units_of, self.info.source_dtype, record, label)
-        return self._mappings[label]
-
-    @property
-    def dtype(self) -> str:
-        """The dtype the files read back as (DICOM: after its rescale)."""
-        if self.dicom and self.mapping.dtype not in _DICOM_STORED:
-            return "float64"
-        return self.mapping.dtype
+        return self.class_mappings.get(label, self.mapping)
 
     def describe(self) -> str:
         what = "a DICOM series per sample" if self.suffix == SERIES else self.suffix
         text = f"{what}: {self.mapping.describe()}"
-        classes = sorted(self.info.normalization.get("class_bounds") or {})
-        if classes:
-            text += "; per class: " + "; ".join(f"{c} {self.mapping_for(c).describe()}" for c in classes)
+        if self.class_mappings:
+            text += "; per class: " + "; ".join(
+                f"{c} {m.describe()}" for c, m in sorted(self.class_mappings.items())
+            )
         mode = self.info.normalization.get("normalization", "auto")
         if not self.mapping.physical and mode in ("auto", "percentile", "minmax"):
             text += (

@@ -288,11 +288,7 @@ def _card(
             "suffix": files.suffix,
             "format": "dicom" if files.dicom else files.suffix.lstrip("."),
             "intensity": mapping.describe(),
-            "intensity_per_class": {
-                c: files.mapping_for(c).describe()
-                for c in sorted(info.normalization.get("class_bounds") or {})
-            }
-            or None,
+            "intensity_per_class": {c: m.describe() for c, m in sorted(files.class_mappings.items())} or None,
             "units": units(mapping.physical, modality),
             "dtype": mapping.dtype,
             "source_dtype": info.source_dtype,

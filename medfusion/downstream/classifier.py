@@ -401,6 +401,7 @@ def tstr(
     device: torch.device | str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    regimes: Sequence[str] = ("tstr", "trtr"),
 ) -> dict:
     """Train on synthetic, test on real (TSTR) beside train on real, test on real (TRTR).
 
@@ -417,6 +418,8 @@ def tstr(
         device: where to train.
         progress: show progress bars.
         log: receives one line per fit.
+        regimes: which of the two to train (``tstr``, ``trtr``); e.g. TRTR once and TSTR for each
+            of several synthetic sets.
 
     Returns:
         ``{"tstr": {...}, "trtr": {...}, "seeds", "n_train": {"tstr", "trtr"}, "n_test",
@@ -427,14 +430,21 @@ def tstr(
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds) or any(not 0 <= s <= MAX_SEED for s in seeds):
         raise ValueError(f"seeds must be one or more distinct integers in 0..{MAX_SEED}; got {seeds}")
+    known = [regime for regime, _ in REGIMES]
+    if not regimes or any(regime not in known for regime in regimes):
+        raise ValueError(f"regimes must be one or more of {known}; got {list(regimes)}")
+    chosen = [(regime, source) for regime, source in REGIMES if regime in regimes]
     datasets, size = open_tstr_folders(real_train, synthetic, real_test, data)
+    needed = {"real_test", *(source for _, source in chosen)}
     tensors = {
-        name: TensorClassDataset.read(dataset, progress=progress) for name, dataset in datasets.items()
+        name: TensorClassDataset.read(dataset, progress=progress)
+        for name, dataset in datasets.items()
+        if name in needed
     }
     test = tensors["real_test"]
     classes = list(test.class_names)
     results: dict = {}
-    for regime, source in REGIMES:
+    for regime, source in chosen:
         per_seed = []
         for seed in seeds:
             start = time.perf_counter()
@@ -451,7 +461,7 @@ def tstr(
         results[regime] = _summary(per_seed, classes)
     results.update(
         seeds=seeds,
-        n_train={regime: len(tensors[source]) for regime, source in REGIMES},
+        n_train={regime: len(tensors[source]) for regime, source in chosen},
         n_test=len(test),
         classes=classes,
         image_size=list(size),

@@ -256,3 +256,17 @@ def test_tstr_refuses_an_unlabelled_synthetic_folder(folders, tmp_path):
 def test_tstr_refuses_bad_seeds(folders):
     with pytest.raises(ValueError, match="seeds must be one or more distinct integers"):
         tstr(folders["train"], folders["synthetic"], folders["test"], DataConfig(), TINY, seeds=(1, 1))
+
+
+def test_tstr_trains_only_the_regimes_asked_for_and_each_as_when_both_are(folders):
+    """TRTR once and TSTR per synthetic set (``medfusion benchmark``) give the numbers of one call."""
+    args = (folders["train"], folders["synthetic"], folders["test"], DataConfig(), TINY)
+    options = {"seeds": (0,), "progress": False, "log": lambda _: None}
+    both = tstr(*args, **options)
+    for regime in ("tstr", "trtr"):
+        alone = tstr(*args, **options, regimes=(regime,))
+        other = "trtr" if regime == "tstr" else "tstr"
+        assert other not in alone and alone["n_train"] == {regime: both["n_train"][regime]}
+        assert alone[regime]["balanced_accuracy"] == both[regime]["balanced_accuracy"]
+    with pytest.raises(ValueError, match=r"regimes must be one or more of \['tstr', 'trtr'\]; got"):
+        tstr(*args, **options, regimes=("trts",))

@@ -78,11 +78,16 @@ WEIGHTS = {
 }
 MARGIN = 0.08
 # the planned steps of each training stage lie within these bounds; the deadline wins over the floor
-STEP_BOUNDS = {"autoencoder": (100, 5000), "diffusion": (300, 20000), "features": (100, 2000)}
+STEP_BOUNDS = {
+    "autoencoder": (100, 5000),
+    "diffusion": (300, 20000),
+    "features": (100, 2000),
+    "gan": (100, 100000),
+}
 OVERHEAD = 1.25  # a training step in the loop (data, EMA, logging, validation) over the timed bare step
 # the work of a training stage around its loop (loading, the latent cache, the last preview, the
 # scaling factor and the evaluation of the VAE, the feature scaling, saving), in timed steps
-AROUND_STEPS = {"autoencoder": 20, "diffusion": 30, "features": 15}
+AROUND_STEPS = {"autoencoder": 20, "diffusion": 30, "features": 15, "gan": 10}
 PROBE = {"warmup": 1, "repeats": 2}  # steps of the step timing: untimed, then timed
 VAE_EVAL_IMAGES = 256  # images of the VAE's scaling factor and of its held-out evaluation
 MIN_PER_CLASS = 16  # samples per class at least: fewer make the evaluation meaningless
@@ -310,15 +315,16 @@ def _run_stages(out: Path, dataset: str, budget: TimeBudget, data_dir, device: s
             "build_demo_data(force=True) (medfusion data demo --force)"
         )
     stages.done("inspect", t, None, files=report.summary().get("files"))
-    demo_data = _DemoData.open(root)
+    demo_data = StageData.open(root)
 
     out.mkdir(parents=True, exist_ok=True)
     t, deadline = stages.start("autoencoder", "training the autoencoder")
-    vae_path, info = _train_autoencoder(demo_data, out, profile, deadline, seed, progress, log)
+    run = autoencoder_run(demo_data, out, profile, seed, progress)
+    vae_path, info = train_autoencoder_stage(run, deadline, progress, log)
     stages.done("autoencoder", t, deadline, **info)
 
     t, deadline = stages.start("diffusion", "training the class-conditional latent diffusion U-Net")
-    model_path, info = _train_unet(demo_data, vae_path, out, profile, deadline, seed, progress, log)
+    model_path, info = train_unet_stage(demo_data, vae_path, out, profile, deadline, seed, progress, log)
     stages.done("diffusion", t, deadline, **info)
 
     t, deadline = stages.start("sample", "sampling a synthetic dataset")
@@ -328,7 +334,7 @@ def _run_stages(out: Path, dataset: str, budget: TimeBudget, data_dir, device: s
     t, deadline = stages.start(
         "features", "training the domain feature extractor on the real training images"
     )
-    info = _train_features(demo_data, out / "features", profile, deadline, seed, progress, log)
+    info = train_features_stage(demo_data, out / "features", profile, deadline, seed, progress, log)
     stages.done("features", t, deadline, **info)
 
     t, deadline = stages.start(
@@ -380,30 +386,43 @@ def _train_config(
 
 
 @dataclass(frozen=True)
-class _DemoData:
-    """The demo dataset as the stages need it, read once: folders, image size, channels, classes."""
+class StageData:
+    """A training and a held-out folder as the stages need them, read once: image size, channels,
+    classes (``medfusion demo`` and ``medfusion benchmark`` train on it)."""
 
     train: Path
     heldout: Path
-    size: tuple[int, ...]  # spatial, array order
+    size: tuple[int, ...]  # spatial, array order, as trained
     channels: int
     classes: tuple[str, ...]
     heldout_per_class: int  # held-out images of the largest class
+    resize: tuple[int, ...] | None = None  # what the images are resized to first; None: their own size
 
     @classmethod
-    def open(cls, root: Path) -> _DemoData:
-        from medfusion.data.dataset import ImageFolderDataset
+    def open(cls, root: Path) -> StageData:
+        """The demo data under ``root`` (``train/`` and ``heldout/``)."""
+        return cls.from_folders(root / "train", root / "heldout")
 
-        dataset = ImageFolderDataset(root / "train", validate="none")
+    @classmethod
+    def from_folders(cls, train: Path, heldout: Path, resize: tuple[int, ...] | None = None) -> StageData:
+        from medfusion.config import DataConfig
+        from medfusion.data.dataset import ImageFolderDataset, build_transform
+        from medfusion.data.discovery import discover
+
+        transform = build_transform(DataConfig(resize=resize)) if resize else None
+        dataset = ImageFolderDataset(train, validate="none", transform=transform)
         item = dataset[0]["image"]
-        heldout = max(len(list(p.iterdir())) for p in (root / "heldout").iterdir() if p.is_dir())
+        counts: dict = {}
+        for sample in discover(heldout, None).samples:
+            counts[sample.label] = counts.get(sample.label, 0) + 1
         return cls(
-            root / "train",
-            root / "heldout",
+            Path(train),
+            Path(heldout),
             tuple(item.shape[1:]),
             int(item.shape[0]),
             dataset.class_names,
-            heldout,
+            max(counts.values(), default=0),
+            tuple(resize) if resize else None,
         )
 
     @property
@@ -411,8 +430,10 @@ class _DemoData:
         return len(self.size)
 
     def section(self) -> dict:
-        """The ``data`` config section: the images' own size, flips along the width."""
-        return {"crop": list(self.size), "flip_axes": [self.dims - 1]}
+        """The ``data`` config section: the images' size (resized first where asked), flips along
+        the width."""
+        resize = {"resize": list(self.resize)} if self.resize else {}
+        return {**resize, "crop": list(self.size), "flip_axes": [self.dims - 1]}
 
 
 class _StepClock:
@@ -435,34 +456,62 @@ class _StepClock:
         return (self.last - self.first) / (self.steps - self.first_step)
 
 
-def _train(run: PreparedRun, stage: str, deadline: float, progress: bool, log, **changes) -> dict:
-    """Time a step of the prepared ``run``, plan its steps to end by ``deadline``, train it with
-    the loop's deadline set, and say what happened. ``changes(steps)`` are more training settings
-    that depend on the planned steps. Returns the stage's record."""
+def train_stage(
+    run: PreparedRun,
+    stage: str,
+    deadline: float,
+    progress: bool,
+    log,
+    per_step: float | None = None,
+    until_deadline: bool = False,
+    **changes,
+) -> dict:
+    """Time a step of the prepared ``run`` (unless ``per_step`` was measured already), plan its
+    steps to end by ``deadline``, train it with the loop's deadline set, and say what happened.
+    ``changes(steps)`` are more training settings that depend on the planned steps (they override
+    the defaults: warm-up over a tenth of the steps, one checkpoint at the end). With
+    ``until_deadline`` (a run whose schedule does not depend on its length, e.g. a constant
+    learning rate) the loop runs until the deadline (at most :data:`STEP_BOUNDS`' upper end) and
+    the plan only estimates its steps. Returns the stage's record."""
     from medfusion.training.run import execute, time_one_step
 
     prepared = time.monotonic()
-    per_step = time_one_step(run, **PROBE)
+    if per_step is None:
+        per_step = time_one_step(run, **PROBE)
     seconds = deadline - time.monotonic()
     steps = plan_steps(stage, per_step, seconds)
     stop = training_deadline(stage, deadline, per_step)
     fit = affordable(stop - time.monotonic(), per_step * OVERHEAD)
     batch = run.train_config.batch_size
-    log(f"plan: {steps} steps of batch {batch} in {seconds:.0f} s ({per_step:.3f} s per step measured here)")
-    if fit < steps:
-        log(f"note: about {fit} steps fit in the time; training stops at the deadline before step {steps}")
-    extra = {key: value(steps) for key, value in changes.items()}
-    run = run.with_train(max_steps=steps, warmup_steps=min(50, steps // 10), checkpoint_every=steps, **extra)
+    most = STEP_BOUNDS[stage][1] if until_deadline else steps
+    if until_deadline:
+        steps = max(1, min(fit, most))  # an estimate: the deadline ends the run
+    measured = f"{per_step:.3f} s per step measured here"
+    if until_deadline:
+        log(f"plan: batch {batch} until the deadline in {seconds:.0f} s, about {steps} steps ({measured}; "
+            f"{most} at most)")  # fmt: skip
+    else:
+        log(f"plan: {steps} steps of batch {batch} in {seconds:.0f} s ({measured})")
+        if fit < steps:
+            log(
+                f"note: about {fit} steps fit in the time; training stops at the deadline before step {steps}"
+            )
+    settings = {"warmup_steps": min(50, steps // 10), "checkpoint_every": steps}
+    settings |= {key: value(steps) for key, value in changes.items()}
+    run = run.with_train(max_steps=most, **settings)
     clock = _StepClock()
     started = time.monotonic()
     result = execute(run, progress=progress, log=_quiet_config(log), callback=clock, deadline=stop)
     ended = time.monotonic()
-    stopped = result.step < steps and clock.last is not None and clock.last >= stop
-    if stopped:
+    stopped = result.step < most and clock.last is not None and clock.last >= stop
+    if stopped and until_deadline:
+        log(f"{stage}: trained until its deadline: {result.step} steps")
+    elif stopped:
         log(f"{stage}: stopped at its deadline after {result.step} of {steps} planned steps")
     in_loop = clock.seconds_per_step()
     record = {
         "steps": steps,
+        "until_deadline": until_deadline,
         "steps_run": result.step,
         "stopped_at_deadline": stopped,
         "seconds_per_step_probe": round(per_step, 4),
@@ -475,11 +524,14 @@ def _train(run: PreparedRun, stage: str, deadline: float, progress: bool, log, *
     return record
 
 
-def _train_autoencoder(demo_data: _DemoData, out, profile, deadline, seed, progress, log):
+def autoencoder_run(
+    data: StageData, out: Path, profile: DemoModels, seed: int, progress: bool
+) -> PreparedRun:
+    """The VAE run of a stage (into ``out/autoencoder``), prepared: data read, nothing written."""
     from medfusion.training.vae import VAERunConfig, prepare_vae_run
 
     base = {
-        "data": demo_data.section(),
+        "data": data.section(),
         "model": {
             "block_out_channels": list(profile.vae_channels),
             "layers_per_block": 1,
@@ -487,23 +539,28 @@ def _train_autoencoder(demo_data: _DemoData, out, profile, deadline, seed, progr
             "norm_num_groups": 8,
         },
         "loss": {"pixel_loss": "l1", "kl_weight": 1e-6},
-        "heldout": str(demo_data.heldout),
+        "heldout": str(data.heldout),
         "eval_max_images": VAE_EVAL_IMAGES,
         "scaling_samples": VAE_EVAL_IMAGES,
         "train": _train_config("autoencoder", profile, profile.vae_batch, 1e-3, seed, ema_decay=0.99),
     }
     config = VAERunConfig.from_dict(base, source="medfusion demo")
-    run = prepare_vae_run(demo_data.train, out / "autoencoder", config, progress=progress)
-    record = _train(
-        run, "autoencoder", deadline, progress, log, preview_every=lambda steps: max(1, steps // 4)
+    return prepare_vae_run(data.train, out / "autoencoder", config, progress=progress)
+
+
+def train_autoencoder_stage(run: PreparedRun, deadline, progress, log, per_step: float | None = None):
+    """Train the prepared VAE ``run`` by ``deadline``; returns the model's path and the stage's
+    record, with the VAE's scores on the held-out images."""
+    record = train_stage(
+        run, "autoencoder", deadline, progress, log, per_step, preview_every=lambda steps: max(1, steps // 4)
     )
-    evaluation = json.loads((out / "autoencoder" / "vae_eval.json").read_text(encoding="utf-8"))
+    evaluation = json.loads((run.run_dir / "vae_eval.json").read_text(encoding="utf-8"))
     scores = {k: evaluation[k] for k in ("psnr", "ssim", "ms_ssim") if isinstance(evaluation.get(k), float)}
     log("autoencoder on held-out images: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    return out / "autoencoder" / "vae", {**record, **scores}
+    return run.run_dir / "vae", {**record, **scores}
 
 
-def _train_unet(demo_data: _DemoData, vae_path, out, profile, deadline, seed, progress, log):
+def train_unet_stage(demo_data: StageData, vae_path, out, profile, deadline, seed, progress, log):
     from medfusion.training.diffusion import MODEL_DIR, DiffusionRunConfig, prepare_diffusion_run
 
     levels = len(profile.unet_channels)
@@ -525,11 +582,11 @@ def _train_unet(demo_data: _DemoData, vae_path, out, profile, deadline, seed, pr
     }
     config = DiffusionRunConfig.from_dict(base, source="medfusion demo")
     run = prepare_diffusion_run(demo_data.train, vae_path, out, config, progress=progress)
-    record = _train(run, "diffusion", deadline, progress, log)
+    record = train_stage(run, "diffusion", deadline, progress, log)
     return out / MODEL_DIR, record
 
 
-def _sample(model_path, demo_data: _DemoData, synthetic, deadline, device, seed, progress, log):
+def _sample(model_path, demo_data: StageData, synthetic, deadline, device, seed, progress, log):
     """A first batch of samples, timed; then as many per class as the rest of the time buys."""
     from medfusion.samplers.schedulers import SamplerConfig
     from medfusion.samplers.synthetic import write_synthetic_dataset
@@ -569,7 +626,7 @@ def _sample(model_path, demo_data: _DemoData, synthetic, deadline, device, seed,
     }
 
 
-def _train_features(demo_data: _DemoData, features_dir, profile, deadline, seed, progress, log):
+def train_features_stage(demo_data: StageData, features_dir, profile, deadline, seed, progress, log):
     from medfusion.training.features import VALIDATION_FILE, FeaturesRunConfig, prepare_features_run
 
     groups = min(16, profile.encoder_channels[0])
@@ -581,12 +638,12 @@ def _train_features(demo_data: _DemoData, features_dir, profile, deadline, seed,
     }
     config = FeaturesRunConfig.from_dict(base, source="medfusion demo")
     run = prepare_features_run(demo_data.train, features_dir, config, progress=progress)
-    record = _train(run, "features", deadline, progress, log)
+    record = train_stage(run, "features", deadline, progress, log)
     validation = json.loads((features_dir / VALIDATION_FILE).read_text(encoding="utf-8"))
     return {**record, "kept_step": validation["kept_step"]}
 
 
-def _classifier_step_seconds(config, demo_data: _DemoData, device: str) -> float:
+def _classifier_step_seconds(config, demo_data: StageData, device: str) -> float:
     """Seconds of one step of the TSTR classifier here: short fits on a batch of noise, of 1 step
     (once untimed: the first fit of a process pays for more than its step) and of
     ``1 + TSTR_PROBE_STEPS`` steps, timed; their difference leaves out building the network."""
@@ -608,7 +665,7 @@ def _classifier_step_seconds(config, demo_data: _DemoData, device: str) -> float
     return (more - once) / TSTR_PROBE_STEPS if more > once else more / (1 + TSTR_PROBE_STEPS)
 
 
-def _utility(demo_data: _DemoData, synthetic: Path, deadline, device: str, seed: int, progress, log) -> dict:
+def _utility(demo_data: StageData, synthetic: Path, deadline, device: str, seed: int, progress, log) -> dict:
     """TSTR beside TRTR on the demo data: the downstream classifier, :data:`TSTR_SEEDS` seeds a
     side, with the steps its time buys (fewer in 3D, where a step costs more)."""
     from medfusion.config import DataConfig
@@ -634,7 +691,7 @@ def _utility(demo_data: _DemoData, synthetic: Path, deadline, device: str, seed:
     return result
 
 
-def _evaluate(demo_data: _DemoData, out: Path, pipeline: dict, utility: dict, deadline, device, seed,
+def _evaluate(demo_data: StageData, out: Path, pipeline: dict, utility: dict, deadline, device, seed,
               progress, log) -> tuple[dict, dict]:  # fmt: skip
     """The evaluation, with the calibration when the extractor's speed here says that both fit
     the time (else without it, and the demo says so). Returns the metrics and the stage's record."""

@@ -759,7 +759,88 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(commands)
     _add_evaluate_vae_parser(commands)
     _add_sample_parser(commands)
+    _add_benchmark_parser(commands)
     return parser
+
+
+def _add_benchmark_parser(commands) -> None:
+    from medfusion.workflows.benchmark import DEFAULT_MINUTES
+
+    bench = commands.add_parser(
+        "benchmark",
+        help="train the diffusion model and the GAN baselines for the same time and compare them",
+        description="Train every model on DATA for the same wall-clock time (the diffusion model's VAE "
+        "and U-Net together), sample N per class from each, and evaluate all of them (and --external "
+        "sample folders) against HELDOUT with one domain encoder trained on DATA: FID, KID, "
+        "precision/recall, density/coverage, diversity, memorisation, TSTR. Writes OUT/benchmark.json "
+        "and OUT/benchmark.html (table, a grid per class, precision/recall plot). Run it again to "
+        "resume: finished models are kept.",
+    )
+    _option(bench, "--data", metavar="TRAIN", help="training images (<class>/<file>)")
+    bench.add_argument("--heldout", type=Path, required=True, help="held-out real images of the same classes")
+    _option(bench, "--out", help="benchmark folder")
+    bench.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_MINUTES,
+        help=f"training time of each model (default {DEFAULT_MINUTES:g})",
+    )
+    bench.add_argument(
+        "--models",
+        help="comma-separated: diffusion, stylegan2, wgan-gp (default: all that support the data's dims; "
+        "'none': external rows only)",
+    )
+    bench.add_argument(
+        "--external",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a sample folder made elsewhere, evaluated as a row (repeatable)",
+    )
+    bench.add_argument(
+        "--n", type=_positive_int, help="samples per class (default: held-out images per class)"
+    )
+    bench.add_argument("--size", type=int, nargs="+", help="resize every image to this first (array order)")
+    bench.add_argument("--no-tstr", dest="tstr", action="store_false", help="no classifiers (TSTR/TRTR)")
+    _option(bench, "--device")
+    _option(bench, "--seed", help="seed of the training, sampling and evaluation")
+    _option(bench, "--force", help="start over in an --out of an earlier benchmark")
+    _option(bench, "--quiet")
+    bench.set_defaults(run=_benchmark)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from medfusion.workflows.benchmark import parse_external, run_benchmark
+
+    models = None
+    if args.models is not None:
+        models = (
+            [] if args.models.strip() == "none" else [m.strip() for m in args.models.split(",") if m.strip()]
+        )
+    phrases = {f"out {args.out}": f"--out {args.out}", "force=True": "--force", "models:": "--models:"}
+    phrases |= {"minutes ": "--minutes ", "external ": "--external ", "n must": "--n must"}
+    phrases |= {
+        f"{name} {getattr(args, name)}": f"--{name} {getattr(args, name)}" for name in ("data", "heldout")
+    }
+    phrases |= {"(resize)": "(--size)"}
+    with _naming_options(phrases):
+        result = run_benchmark(
+            args.data,
+            args.heldout,
+            args.out,
+            minutes=args.minutes,
+            models=models,
+            external=parse_external(args.external),
+            n=args.n,
+            resize=args.size,
+            tstr=args.tstr,
+            device=args.device,
+            seed=args.seed,
+            force=args.force,
+            progress=not args.quiet,
+        )
+    print(f"\nbenchmark finished in {result.seconds / 60:.1f} min; report: {result.report.resolve()}")
+    return 0
 
 
 def _os_error(e: OSError) -> str:
@@ -796,6 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train-gan": " (continue from the last checkpoint with --resume)",
             "features": " (continue from the last checkpoint with --resume)",
             "demo": " (run it again with --force to start over)",
+            "benchmark": " (run the same command again to resume: finished models are kept)",
         }
         print(f"medfusion: interrupted{hints.get(args.command, '')}", file=sys.stderr)
         return 130

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from medfusion import __version__
 from medfusion.config import DataConfig, merge_dicts
+from medfusion.metrics.report import COLUMNS as REPORT_COLUMNS
 from medfusion.runlock import LOCK_NAME, run_lock
 from medfusion.utils import atomic_write_text, process_state
 from medfusion.workflows import demo
@@ -79,13 +80,8 @@ GRID_IMAGES = 8  # per class and model in the report
 SAMPLE_BATCH = 16
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 SETTINGS = ("data", "heldout", "minutes", "n", "resize", "seed", "device")
-COLUMNS = (  # (key of a row's metrics, title): the table's metric columns
-    ("fid", "FID ↓"),
-    ("kid", "KID ↓"),
-    ("precision", "precision ↑"),
-    ("recall", "recall ↑"),
-    ("density", "density"),
-    ("coverage", "coverage ↑"),
+COLUMNS = (  # (key of a row's metrics, title): the table's metric columns, the evaluation's first
+    *REPORT_COLUMNS,
     ("diversity", "MS-SSIM in class"),
     ("memorisation", "memorised ↓"),
     ("tstr", "TSTR bal. acc. ↑"),
@@ -544,10 +540,27 @@ class _Benchmark:
     def tstr_seeds(self) -> tuple[int, ...]:
         return tuple(range(self.seed, self.seed + demo.TSTR_SEEDS))
 
+    def classify(self, synthetic: Path, regime: str) -> dict:
+        """One regime of :func:`medfusion.downstream.tstr` (``tstr``: trained on ``synthetic``;
+        ``trtr``: on the training images), with the benchmark's classifier and seeds."""
+        from medfusion.downstream import tstr
+
+        return tstr(
+            self.data_dir,
+            synthetic,
+            self.heldout_dir,
+            self.data_config,
+            self.classifier_config(),
+            seeds=self.tstr_seeds(),
+            device=self.device,
+            progress=self.progress,
+            log=self.log,
+            regimes=(regime,),
+        )
+
     def train_on_real(self) -> dict | None:
         """TRTR once: the classifier trained on the real training images (None with fewer than 2
         classes)."""
-        from medfusion.downstream import tstr
 
         if len(self.stage_data.classes) < 2:
             self.log("no TSTR: it needs 2 classes or more")
@@ -556,25 +569,13 @@ class _Benchmark:
         if file.is_file():
             return json.loads(file.read_text(encoding="utf-8"))
         self.header("a classifier trained on the real training images, tested on the held-out ones (TRTR)")
-        result = tstr(
-            self.data_dir,
-            self.synthetic(self.rows()[0]),
-            self.heldout_dir,
-            self.data_config,
-            self.classifier_config(),
-            seeds=self.tstr_seeds(),
-            device=self.device,
-            progress=self.progress,
-            log=self.log,
-            regimes=("trtr",),
-        )
+        result = self.classify(self.synthetic(self.rows()[0]), "trtr")
         atomic_write_text(file, json.dumps(result, indent=2) + "\n")
         return result
 
     def evaluate(self, name: str, trtr: dict | None) -> dict:
         """TSTR and the evaluation of one row (or those done already); returns its row."""
         import medfusion.metrics.evaluate as evaluation
-        from medfusion.downstream import tstr
         from medfusion.metrics.features import load_extractor
 
         record = self.record(name)
@@ -583,18 +584,7 @@ class _Benchmark:
             self.header(
                 f"a classifier trained on the samples of {name}, tested on the held-out images (TSTR)"
             )
-            result = tstr(
-                self.data_dir,
-                self.synthetic(name),
-                self.heldout_dir,
-                self.data_config,
-                self.classifier_config(),
-                seeds=self.tstr_seeds(),
-                device=self.device,
-                progress=self.progress,
-                log=self.log,
-                regimes=("tstr",),
-            )
+            result = self.classify(self.synthetic(name), "tstr")
             record["tstr"] = {"tstr": result["tstr"], "n_train": result["n_train"]["tstr"]}
             self.save_record(name, record)
         if not record.get("evaluated") or not (folder / evaluation.METRICS_FILE).is_file():

@@ -108,6 +108,23 @@ class GANArchitecture:
         """
         raise NotImplementedError
 
+    def generator_regularization(
+        self, generator: nn.Module, z: Tensor, labels: Tensor | None, step: int, state: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """An extra term of the generator's loss on some steps (StyleGAN2's path length), from a
+        pass of its own; default none.
+
+        Args:
+            generator: the (possibly wrapped) generator, in training mode.
+            z, labels: the step's noise (N, z_dim) and class indices (or None).
+            step: generator steps done so far (for lazy regularisation).
+            state: tensors the term keeps across steps (e.g. a running mean); saved with the
+                task in checkpoints, so that a resumed run goes on exactly.
+        Returns:
+            None, or the scalar term (added to the generator's loss) and detached terms to log.
+        """
+        return None
+
 
 def architecture(name: str) -> GANArchitecture:
     """The architecture registered as ``name`` in :data:`ARCHITECTURES` (its module imported now).

@@ -58,6 +58,7 @@ from medfusion.utils import atomic_dir, process_state
 MODEL_DIR = "model"
 GENERATOR_DIR = "generator"
 NOISE_STATE = "noise"
+REGULARIZATION_STATE = "regularization"
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class GANTask(TrainingTask):
         self.preview_nrow = self.preview_config.per_class
         self.discriminator_learning_rate = discriminator_learning_rate
         self.rank, self.world = 0, 1
+        self.regularization: dict[str, torch.Tensor] = {}  # the architecture's state across steps
 
     def modules(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}
@@ -211,6 +213,11 @@ class GANTask(TrainingTask):
             g_loss, g_terms = self.arch.generator_loss(frozen, fake, labels, step)
         finally:
             frozen.requires_grad_(True)
+        extra = self.arch.generator_regularization(
+            models["generator"], z, labels, step // self.arch.critic_steps, self.regularization
+        )
+        if extra is not None:
+            g_loss, g_terms = g_loss + extra[0], {**g_terms, **extra[1]}
         yield "generator", g_loss, g_terms
 
     @torch.no_grad()
@@ -224,10 +231,12 @@ class GANTask(TrainingTask):
         return images, {"std": float(images.std())}
 
     def state_dict(self) -> dict:
-        return {NOISE_STATE: self.noise.get_state()}
+        regularization = {k: v.detach().cpu() for k, v in self.regularization.items()}
+        return {NOISE_STATE: self.noise.get_state(), REGULARIZATION_STATE: regularization}
 
     def load_state_dict(self, state: dict) -> None:
         self.noise.set_state(state[NOISE_STATE].to(torch.uint8).cpu())
+        self.regularization = dict(state.get(REGULARIZATION_STATE) or {})
 
 
 def preview_labels(num_classes: int | None, config: GANPreviewConfig) -> torch.Tensor:

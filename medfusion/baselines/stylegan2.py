@@ -7,7 +7,8 @@ block with modulated, demodulated 3x3 convolutions plus per-pixel noise, and sum
 RGB outputs of every block (the "skip" generator). Discriminator: residual blocks that halve the
 size down to the base, minibatch standard deviation, and projection conditioning on the class
 (Miyato & Koyama 2018). Losses: non-saturating logistic for both, R1 on real images with lazy
-regularisation. Every layer uses the equalised learning rate (weights drawn N(0, 1) and scaled by
+regularisation, and on request (``pl_weight`` > 0) the path length regularisation of the generator,
+lazy too. Every layer uses the equalised learning rate (weights drawn N(0, 1) and scaled by
 ``1/sqrt(fan_in)`` at run time).
 
 Code names and the paper's symbols:
@@ -21,11 +22,13 @@ code                paper
 ``noise_strength``  the learned per-layer scale of the noise input B
 ``r1_gamma``        gamma in R1 = gamma/2 * E ||grad_x D(x)||^2 over real x
 ``r1_interval``     k of lazy regularisation (R1 every k steps, weighted by k)
+``pl_weight``       w_pl of the path length regularisation E (||J_w^T y|| - a)^2   (Eq. 4)
+``pl_mean``         a, the running mean of the path lengths (the task's state, in checkpoints)
 ==================  ==========================================================================
 
 Simplifications against the paper: resampling is bilinear upsampling (the [1, 3, 3, 1] filter,
 replicated at the borders) and 2x2 average pooling, not upfirdn with a blur filter; no style
-mixing; no path length regularisation (the generator loss receives images, not the generator).
+mixing (one ``w`` for every layer, so the path length is taken in that one ``w``).
 """
 
 from __future__ import annotations
@@ -369,7 +372,8 @@ class StyleGAN2Generator(ModelMixin, ConfigMixin):
         truncation_psi: float = 1.0,
         noise_mode: str = "random",
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+        return_w: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate images.
 
         Args:
@@ -378,10 +382,12 @@ class StyleGAN2Generator(ModelMixin, ConfigMixin):
             truncation_psi: ``w = w_avg + psi * (w - w_avg)``; 1 (default) is no truncation.
             noise_mode: ``"random"`` (fresh noise inputs) or ``"none"`` (no noise).
             generator: source of the noise inputs (deterministic output given ``z``).
+            return_w: also return the intermediate latents ``w`` (N, w_dim), attached to the graph
+            (for the path length regularisation, a gradient with respect to them).
         Returns:
             images (N, out_channels, H, W). In eval mode they are clamped to [-1, 1]; in training
             mode they are not (as in StyleGAN2, so that the discriminator's gradient reaches every
-            pixel).
+            pixel). With ``return_w``: (images, w).
         """
         if z.ndim != 2 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"z must have shape (N, {self.config.z_dim}); got {tuple(z.shape)}")
@@ -398,7 +404,8 @@ class StyleGAN2Generator(ModelMixin, ConfigMixin):
         rgb = None
         for block in self.blocks:
             x, rgb = block(x, rgb, w, noise_mode, generator)  # x: (N, C_level, 2H, 2W)
-        return rgb if self.training else rgb.clamp(-1.0, 1.0)
+        images = rgb if self.training else rgb.clamp(-1.0, 1.0)
+        return (images, w) if return_w else images
 
 
 def minibatch_stddev(x: torch.Tensor, group_size: int = 4) -> torch.Tensor:
@@ -567,11 +574,21 @@ class StyleGAN2Architecture(GANArchitecture):
             every step). The paper also scales Adam's learning rate and betas by k / (k + 1) for the
             discriminator; that is the optimiser's business.
         critic_steps: discriminator updates per generator update (1 in the paper).
+        pl_weight: weight of the path length regularisation of the generator (2 in StyleGAN2; 0,
+            the default, is off: it costs a second generator pass with a double backward, and
+            StyleGAN2-ADA leaves it out of its small-data configurations).
+        pl_interval: lazy: on the generator steps divisible by it, weighted by it (4 in StyleGAN2).
+        pl_decay: of the running mean of the path lengths (0.01).
+        pl_batch_shrink: the regularisation's batch is the generator's over this (2).
     """
 
     r1_gamma: float | None = None
     r1_interval: int = 16
     critic_steps: int = 1
+    pl_weight: float = 0.0
+    pl_interval: int = 4
+    pl_decay: float = 0.01
+    pl_batch_shrink: int = 2
     name = "stylegan2"
     spatial_dims = (2,)
     generator_class = StyleGAN2Generator
@@ -583,7 +600,16 @@ class StyleGAN2Architecture(GANArchitecture):
         gamma = self.r1_gamma
         if gamma is not None and (isinstance(gamma, bool) or not (math.isfinite(gamma) and gamma >= 0)):
             raise ValueError(f"gan.r1_gamma must be >= 0, or None for the heuristic; got {gamma!r}")
-        for name in ("r1_interval", "critic_steps"):
+        for name in ("pl_weight", "pl_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int | float) and math.isfinite(value)):
+                raise ValueError(f"gan.{name} must be a number; got {value!r}")
+        if self.pl_weight < 0 or not 0 < self.pl_decay <= 1:
+            raise ValueError(
+                f"gan.pl_weight must be >= 0 and gan.pl_decay in (0, 1]; got {self.pl_weight} and "
+                f"{self.pl_decay}"
+            )
+        for name in ("r1_interval", "critic_steps", "pl_interval", "pl_batch_shrink"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"gan.{name} must be an integer >= 1; got {value!r}")
@@ -699,6 +725,36 @@ class StyleGAN2Architecture(GANArchitecture):
         """
         loss = generator_nonsaturating_loss(discriminator(fake, labels))
         return loss, {"loss_g": loss.detach()}
+
+    def generator_regularization(
+        self,
+        generator: nn.Module,
+        z: torch.Tensor,
+        labels: torch.Tensor | None,
+        step: int,
+        state: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """StyleGAN2's path length regularisation, on the generator steps divisible by
+        ``pl_interval`` (None on the others, and when ``pl_weight`` is 0).
+
+        For the first ``N / pl_batch_shrink`` latents: ``a = ||J_w^T y||`` with ``y`` normal noise
+        over the image scaled by ``1 / sqrt(H W)``; the loss is ``pl_weight * pl_interval`` times the
+        mean of ``(a - mean_a)^2``, where ``mean_a`` (``state["pl_mean"]``) is the running mean of
+        the path lengths, updated here with ``pl_decay``.
+        """
+        if self.pl_weight == 0 or step % self.pl_interval != 0:
+            return None
+        n = max(1, z.shape[0] // self.pl_batch_shrink)
+        images, w = generator(z[:n], labels[:n] if labels is not None else None, return_w=True)
+        noise = torch.randn_like(images) / math.sqrt(math.prod(images.shape[2:]))
+        (grad,) = torch.autograd.grad((images * noise).sum(), w, create_graph=True)
+        lengths = grad.float().square().sum(dim=1).sqrt()  # (n,)
+        mean = state.get("pl_mean", torch.zeros((), device=lengths.device)).to(lengths.device)
+        mean = mean.lerp(lengths.detach().mean(), self.pl_decay)
+        state["pl_mean"] = mean.detach()
+        penalty = (lengths - mean).square().mean()
+        loss = penalty * self.pl_weight * self.pl_interval
+        return loss, {"pl_penalty": penalty.detach(), "pl_mean": mean.detach()}
 
 
 STYLEGAN2 = StyleGAN2Architecture()

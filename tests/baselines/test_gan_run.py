@@ -180,6 +180,32 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(crops_2d, tm
     assert not torch.equal(first, noise_a)
 
 
+def test_stylegan2_with_path_length_resumes_exactly(crops_2d, tmp_path):
+    """The running mean of the path lengths travels in the checkpoints like the noise state."""
+    model = {"channel_base": 64, "channel_max": 8, "z_dim": 8, "w_dim": 8}
+    gan = {"pl_weight": 2.0, "pl_interval": 1, "r1_interval": 2}
+    config = _config(max_steps=4).replace(arch="stylegan2", model=model, gan=gan)
+    straight = train_gan(crops_2d, tmp_path / "a", config, progress=False, log=lambda _: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, scalars):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_gan(crops_2d, tmp_path / "b", config, progress=False, log=lambda _: None, callback=stop_at_3)
+    resumed = train_gan(crops_2d, tmp_path / "b", config, resume=True, progress=False, log=lambda _: None)
+    a, b = _weights(straight), _weights(resumed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    states = [load_state(tmp_path / run / "checkpoints" / "step_000004" / "task") for run in ("a", "b")]
+    assert float(states[0]["regularization"]["pl_mean"]) > 0
+    assert "pl_penalty" in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text()  # logged with the losses
+    torch.testing.assert_close(states[0]["regularization"]["pl_mean"], states[1]["regularization"]["pl_mean"])
+
+
 # --- the task -----------------------------------------------------------------------------------
 
 

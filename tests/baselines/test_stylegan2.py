@@ -307,3 +307,66 @@ def test_registered_architecture_and_its_options():
     assert (changed.r1_gamma, changed.r1_interval, STYLEGAN2.r1_interval) == (2.0, 1, 16)
     with pytest.raises(ValueError, match=r"gan\.r1_gamma must be >= 0"):
         with_options(STYLEGAN2, {"r1_gamma": -1.0})
+
+
+class LinearGenerator(nn.Module):
+    """``w = s z`` (s = 1, a parameter), ``images = A w`` (reshaped): the path length of a sample is
+    ``||A^T y||``."""
+
+    def __init__(self, z_dim: int = 3, shape=(1, 4, 4)):
+        super().__init__()
+        self.shape = shape
+        self.a = nn.Parameter(torch.randn(math.prod(shape), z_dim))
+        self.s = nn.Parameter(torch.ones(()))
+
+    def forward(self, z, labels=None, return_w=False):
+        w = z * self.s
+        images = (w @ self.a.T).reshape(len(z), *self.shape)
+        return (images, w) if return_w else images
+
+
+def test_path_length_penalty_against_a_hand_calculation():
+    torch.manual_seed(0)
+    generator, z = LinearGenerator(), torch.randn(6, 3)
+    arch = StyleGAN2Architecture(pl_weight=2.0, pl_interval=4, pl_decay=0.1, pl_batch_shrink=2)
+    state: dict = {}
+    torch.manual_seed(1)
+    loss, logs = arch.generator_regularization(generator, z, None, 0, state)
+    torch.manual_seed(1)
+    y = torch.randn(3, 1, 4, 4) / 4.0  # the first 6 / 2 samples; noise over 4 x 4 pixels, / sqrt(16)
+    lengths = (y.flatten(1) @ generator.a.detach()).norm(dim=1)  # ||A^T y|| per sample
+    mean = 0.1 * lengths.mean()  # the running mean starts at 0
+    penalty = (lengths - mean).square().mean()
+    torch.testing.assert_close(loss, 2.0 * 4 * penalty)
+    torch.testing.assert_close(state["pl_mean"], mean)
+    torch.testing.assert_close(logs["pl_penalty"], penalty)
+    assert loss.requires_grad  # it trains the generator
+    loss.backward()
+    assert generator.a.grad is not None and generator.a.grad.abs().sum() > 0
+    # lazy: nothing on the steps between, then the running mean moves on from where it was
+    assert arch.generator_regularization(generator, z, None, 1, state) is None
+    torch.manual_seed(2)
+    arch.generator_regularization(generator, z, None, 4, state)
+    torch.manual_seed(2)
+    y = torch.randn(3, 1, 4, 4) / 4.0
+    later = (y.flatten(1) @ generator.a.detach()).norm(dim=1).mean()
+    torch.testing.assert_close(state["pl_mean"], mean + 0.1 * (later - mean))
+    # off by default
+    assert STYLEGAN2.generator_regularization(generator, z, None, 0, {}) is None
+
+
+def test_path_length_of_the_stylegan2_generator_is_its_gradient_norm_in_w():
+    generator, _ = tiny()
+    generator.train()
+    z, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    arch = StyleGAN2Architecture(pl_weight=1.0, pl_interval=1, pl_batch_shrink=1)
+    state: dict = {}
+    torch.manual_seed(3)
+    loss, logs = arch.generator_regularization(generator, z, labels, 0, state)
+    assert torch.isfinite(loss) and logs["pl_mean"] > 0
+    images, w = generator(z, labels, return_w=True)
+    assert w.shape == (4, 8) and images.shape == (4, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"gan.pl_weight must be >= 0"):
+        StyleGAN2Architecture(pl_weight=-1.0)
+    with pytest.raises(ValueError, match=r"gan.pl_interval must be an integer >= 1"):
+        StyleGAN2Architecture(pl_interval=0)

@@ -10,12 +10,16 @@ from medfusion.downstream.classifier import (
     train_classifier,
     tstr,
 )
+from medfusion.downstream.restoration import Corruption, RestorationConfig, dice_per_class
 
 __all__ = [
     "ClassifierConfig",
+    "Corruption",
+    "RestorationConfig",
     "TensorClassDataset",
     "build_classifier",
     "classification_metrics",
+    "dice_per_class",
     "open_tstr_folders",
     "predict",
     "train_classifier",

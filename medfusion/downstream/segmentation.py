@@ -79,8 +79,9 @@ class Segmenter(nn.Module):
 
     def __init__(self, body: nn.Module, width: int, out_channels: int, spatial_dims: int):
         super().__init__()
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.body, self.head = body, conv(width, out_channels, kernel_size=1)
+        from medfusion.nn.layers import conv_nd
+
+        self.body, self.head = body, conv_nd(spatial_dims, width, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))

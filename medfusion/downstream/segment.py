@@ -281,7 +281,9 @@ def run_segment(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / REPORT_FILE, segmentation_html(summary, _overlays(runs, test, out, device)))
+    atomic_write_text(
+        out / REPORT_FILE, segmentation_html(summary, _overlays(runs, test, out, device, tuple(train.crop)))
+    )
     for line in table_lines(table, inits):
         log(line)
     log(f"wrote {out / SUMMARY_FILE} and {out / REPORT_FILE}")
@@ -294,7 +296,7 @@ def _check_geometry(train, test, config: SegmentConfig) -> None:
             f"test_images: {test.spatial_dims}D images with {test.channels} channel(s), but images holds "
             f"{train.spatial_dims}D with {train.channels}"
         )
-    crop = tuple(train[0]["image"].shape[1:])
+    crop = tuple(train.crop)
     multiple = config.network.multiple
     if any(side % multiple for side in crop):
         raise ValueError(
@@ -308,7 +310,7 @@ def _open_sources(pretrain, train, config: SegmentConfig, log) -> dict[str, Any]
     count is an error naming the folder."""
     from medfusion.data.dataset import ImageFolderDataset, build_transform
 
-    crop = tuple(train[0]["image"].shape[1:])
+    crop = tuple(train.crop)
     sources: dict[str, Any] = {}
     for folder in pretrain:
         folder = Path(folder)
@@ -328,7 +330,9 @@ def _open_sources(pretrain, train, config: SegmentConfig, log) -> dict[str, Any]
     return sources
 
 
-def _execute(kind: str, run_dir: Path, run_config: _RunConfig, task_factory, dataset, progress, log):
+def _execute(kind: str, run_dir: Path, run_config: _RunConfig, task_factory, dataset, progress):
+    """Train one run through the shared skeleton (resuming its checkpoint when there is one); the
+    run's resolved config goes to its config.yaml, not to the log."""
     from medfusion.training.run import PreparedRun, execute, seeded
 
     run = PreparedRun(
@@ -348,6 +352,7 @@ def _model_config(train, out_channels: int, config: SegmentConfig, **extra) -> d
         "in_channels": train.channels,
         "out_channels": out_channels,
         "network": config.network.to_dict(),
+        "crop": list(train.crop),
         **extra,
     }
 
@@ -357,14 +362,14 @@ def _pretrain(name, dataset, train, out: Path, config: SegmentConfig, device, pr
     if (folder / MODEL_DIR / "config.json").is_file():
         return folder / MODEL_DIR
     log(f"# pretraining on {name}: restoration of corrupted images ({config.pretrain.max_steps} steps)")
-    crop = tuple(train[0]["image"].shape[1:])
+    crop = tuple(train.crop)
     run_config = _RunConfig("restoration", config.data, config.network, config.pretrain, config.restoration)
 
     def task():
         network = build_segmenter(train.spatial_dims, train.channels, train.channels, config.network)
         return RestorationTask(network, config.restoration, crop, seed=config.pretrain.seed)
 
-    result = _execute("pretraining", folder, run_config, task, dataset, progress, log)
+    result = _execute("pretraining", folder, run_config, task, dataset, progress)
     model = result.models["segmenter"]
     return save_segmenter(
         folder / MODEL_DIR, model, _model_config(train, train.channels, config, task="restoration")
@@ -402,14 +407,14 @@ def _finetune(
             transfer_weights(source, network)
         return SegmentationTask(network, num_classes)
 
-    result = _execute("fine-tuning", folder, run_config, task, PairedSubset(train, cases), progress, log)
+    result = _execute("fine-tuning", folder, run_config, task, PairedSubset(train, cases), progress)
     model = result.models["segmenter"].to(device).eval()
     save_segmenter(
         folder / MODEL_DIR,
         model,
         _model_config(train, num_classes, config, task="segmentation", init=init, cases=list(chosen)),
     )
-    scores = _score(model, test, num_classes, tuple(train[0]["image"].shape[1:]), folder, device)
+    scores = _score(model, test, num_classes, tuple(train.crop), folder, device)
     record = {"cases": list(chosen), "dice": scores, "steps": result.step}
     atomic_write_text(folder / RESULT_FILE, json.dumps(record, indent=2) + "\n")
     return record
@@ -487,7 +492,7 @@ def table_lines(table: dict, inits: Sequence[str]) -> list[str]:
     return lines
 
 
-def _overlays(runs: Mapping[str, dict], test, out: Path, device) -> dict[str, str]:
+def _overlays(runs: Mapping[str, dict], test, out: Path, device, crop: tuple[int, ...]) -> dict[str, str]:
     """Per initialisation, at the largest count and the first seed: the first test case with its
     predicted mask over it, beside the true mask (PNG data URIs)."""
     from medfusion.metrics.report import png_data_uri
@@ -502,7 +507,6 @@ def _overlays(runs: Mapping[str, dict], test, out: Path, device) -> dict[str, st
         if run["n"] != largest or run["seed"] != first_seed:
             continue
         model, config = load_segmenter(out / "finetune" / name / MODEL_DIR, device)
-        crop = tuple(config.get("crop") or item["image"].shape[1:])
         predicted = predict_masks(model, item["image"].unsqueeze(0).to(device), crop).cpu()[0]
         pictures = [
             _overlay(item["image"], predicted, config["out_channels"]),
@@ -577,7 +581,7 @@ def _curve(table: dict, inits: Sequence[str], width: int = 460, height: int = 28
                 f'stroke="{colour}"/><circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{colour}"/>'
             )
         parts.append(
-            f'<text x="{width - margin + 4}" y="{points[-1][1] + 4:.1f}" font-size="12" '
+            f'<text x="{width - margin + 4}" y="{points[-1][1] + 4 + 13 * index:.1f}" font-size="12" '
             f'fill="{colour}">{html.escape(init)}</text>'
         )
     parts.append(

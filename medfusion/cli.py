@@ -16,6 +16,10 @@ from medfusion import __version__
 def _data_inspect(args: argparse.Namespace) -> int:
     from medfusion.data.inspect import inspect_dataset
 
+    if args.masks is not None:
+        return _inspect_pairs(args)
+    if args.num_classes is not None:
+        raise ValueError("--num-classes applies to image/mask pairs: give --masks")
     report = inspect_dataset(
         args.data,
         labels=args.labels,
@@ -23,6 +27,22 @@ def _data_inspect(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         progress=not args.quiet,
     )
+    print(report.format())
+    if args.json:
+        from medfusion.utils import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report.summary(), indent=2) + "\n")
+    return 0 if report.usable else 1
+
+
+def _inspect_pairs(args: argparse.Namespace) -> int:
+    from medfusion.data.pairs import inspect_pairs
+
+    given = [name for name in ("labels", "headers_only", "skip_bad") if getattr(args, name)]
+    if given:
+        options = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{options}: not for image/mask pairs (--masks)")
+    report = inspect_pairs(args.data, args.masks, num_classes=args.num_classes, progress=not args.quiet)
     print(report.format())
     if args.json:
         from medfusion.utils import atomic_write_text
@@ -53,7 +73,13 @@ def _data_demo(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from medfusion.metrics.evaluate import class_line, headline
     from medfusion.workflows.demo import run_demo
+    from medfusion.workflows.segmentation_demo import SETS as SEGMENTATION_SETS
 
+    if args.segmentation:
+        return _segmentation_demo(args)
+    if args.dataset in SEGMENTATION_SETS:
+        raise ValueError(f"--dataset {args.dataset} is a set of image/mask pairs: add --segmentation")
+    args.out = args.out or Path("medfusion-demo")
     phrases = {f"out {args.out}": f"--out {args.out}", "force=True": "--force", "three_d=True": "--3d"}
     phrases |= {f"{name} ": f"--{name} " for name in ("dataset", "minutes", "device")}
     with _naming_options(phrases):
@@ -401,11 +427,21 @@ def _add_data_parsers(commands) -> None:
         "inspect",
         help="what the readers see in a folder; names every bad file",
         description="Read every file of DATA and report counts per class, shapes, channels, dtypes, "
-        "spacing and value ranges, and every problem with its file. Exit status 0 when the folder is "
-        "usable for training, 1 when it is not.",
+        "spacing and value ranges, and every problem with its file. With --masks: DATA holds images "
+        "and MASKS their label maps (matched by file name); report the pairs, unmatched names, label "
+        "values, per-class voxel fractions, empty masks and every mask whose shape or spacing differs "
+        "from its image's. Exit status 0 when the folder is usable for training, 1 when it is not.",
     )
     inspect.add_argument(
         "data", type=Path, metavar="DATA", help="folder of images/volumes (DATA/<class>/...)"
+    )
+    inspect.add_argument(
+        "--masks", type=Path, metavar="MASKS", help="label maps of the images in DATA (image/mask pairs)"
+    )
+    inspect.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        help="with --masks: classes with background; a label >= it is a problem (default: the masks')",
     )
     _option(inspect, "--labels")
     _option(inspect, "--skip-bad", help="report bad files but call the rest usable")
@@ -448,8 +484,36 @@ def _add_data_demo_parser(data_commands) -> None:
     demo.set_defaults(run=_data_demo)
 
 
+def _segmentation_demo(args: argparse.Namespace) -> int:
+    from medfusion.workflows.segmentation_demo import SET_3D, SETS, run_segmentation_demo
+
+    dataset = args.dataset or (SET_3D if args.three_d else SETS[0])
+    if dataset not in SETS or (args.three_d and dataset != SET_3D):
+        raise ValueError(
+            f"--segmentation: --dataset must be one of {', '.join(SETS)} (--3d: {SET_3D}); got {dataset}"
+        )
+    out = args.out or Path("medfusion-segmentation-demo")
+    phrases = {f"out {out}": f"--out {out}", "force=True": "--force"}
+    phrases |= {f"{name} ": f"--{name} " for name in ("dataset", "minutes", "device")}
+    with _naming_options(phrases):
+        result = run_segmentation_demo(
+            out,
+            dataset=dataset,
+            minutes=args.minutes,
+            data_dir=args.data_dir,
+            device=args.device,
+            force=args.force,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    print(f"\nsegmentation demo finished in {result.seconds / 60:.1f} min")
+    print(f"  report: {result.report.resolve()}")
+    return 0
+
+
 def _add_demo_parser(commands) -> None:
     from medfusion.workflows.demo import DATASET_3D, DATASETS_2D, DEFAULT_MINUTES
+    from medfusion.workflows.segmentation_demo import SETS
 
     demo_run = commands.add_parser(
         "demo",
@@ -461,16 +525,25 @@ def _add_demo_parser(commands) -> None:
         'pip install "medfusion[demo]".',
     )
     _option(
-        demo_run, "--out", required=False, metavar=None, default=Path("medfusion-demo"),
-        help="run folder (default: ./medfusion-demo)",
+        demo_run, "--out", required=False, metavar=None, default=None,
+        help="run folder (default: ./medfusion-demo, with --segmentation ./medfusion-segmentation-demo)",
     )  # fmt: skip
     demo_run.add_argument(
         "--3d", dest="three_d", action="store_true", help=f"the 3D demo ({DATASET_3D}: MRI volumes)"
     )
     demo_run.add_argument(
+        "--segmentation",
+        action="store_true",
+        help="the segmentation story instead: train the generator on the training images of image/mask "
+        "pairs without their masks, sample, pretrain segmentation networks on the synthetic (and on "
+        "the real unlabelled) images, fine-tune with 2, 8 and all labelled cases: OUT/segment/"
+        "segmentation.html. Needs the segmentation extra",
+    )
+    demo_run.add_argument(
         "--dataset",
-        choices=(*DATASETS_2D, DATASET_3D),
-        help=f"bundled dataset (default {DATASETS_2D[0]}; {DATASETS_2D[1]}: fundus and histology)",
+        choices=(*DATASETS_2D, DATASET_3D, *SETS),
+        help=f"bundled dataset (default {DATASETS_2D[0]}; {DATASETS_2D[1]}: fundus and histology); with "
+        f"--segmentation one of {', '.join(SETS)} (default {SETS[0]}, --3d: {SETS[-1]})",
     )
     demo_run.add_argument(
         "--minutes",
@@ -808,6 +881,7 @@ def _add_segment_parser(commands) -> None:
     )
     _option(seg, "--device", default="cpu", help="e.g. cuda (default cpu)")
     _option(seg, "--seed", help="the first seed")
+    _option(seg, "--force", help="start over in an --out that holds an experiment of other settings")
     _option(seg, "--quiet")
     seg.set_defaults(run=_segment)
 
@@ -820,7 +894,7 @@ def _segment(args: argparse.Namespace) -> int:
         options = _given({"num_classes": args.num_classes})
         config = merge_config(SegmentConfig, args.config, options, args.set, None, source="command line")
     phrases = {"n_labelled:": "--n-labelled:", "seeds must": "--seeds must", "pretrain ": "--pretrain "}
-    phrases |= {"test_images:": "--test-images:"}
+    phrases |= {"test_images:": "--test-images:", "force=True": "--force"}
     with _naming_options(phrases):
         result = run_segment(
             args.images,
@@ -834,6 +908,7 @@ def _segment(args: argparse.Namespace) -> int:
             config=config,
             device=args.device,
             seed=args.seed,
+            force=args.force,
             progress=not args.quiet,
         )
     print(f"\nreport: {result.report.resolve()}")
@@ -955,6 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "features": " (continue from the last checkpoint with --resume)",
             "demo": " (run it again with --force to start over)",
             "benchmark": " (run the same command again to resume: finished models are kept)",
+            "segment": " (run the same command again to resume: finished runs are kept)",
         }
         print(f"medfusion: interrupted{hints.get(args.command, '')}", file=sys.stderr)
         return 130

@@ -200,7 +200,7 @@ def test_force_removes_only_the_demo_outputs(tmp_path):
     (out / "report.html").write_text("old")
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="force=True"):
-        demo._check_out(out, force=False)
+        demo.check_out(out, force=False)
     assert (out / "report.html").is_file()
-    demo._check_out(out, force=True)
+    demo.check_out(out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

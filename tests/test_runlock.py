@@ -229,7 +229,7 @@ def test_the_lock_file_does_not_make_a_folder_look_used(tmp_path):
 
     out = tmp_path / "out"
     with run_lock(out, "medfusion demo"):
-        demo._check_out(out, force=False)
+        demo.check_out(out, force=False)
     out.mkdir()
     (out / LOCK_NAME).write_text("{}")  # left by a killed run
-    demo._check_out(out, force=False)
+    demo.check_out(out, force=False)

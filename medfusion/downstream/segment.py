@@ -60,6 +60,7 @@ SCRATCH = "scratch"
 MODEL_DIR = "model"
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "segmentation.json"
+SETTINGS_FILE = "settings.json"
 REPORT_FILE = "segmentation.html"
 NAME = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -185,12 +186,13 @@ def run_segment(
     test_images: str | os.PathLike,
     test_masks: str | os.PathLike,
     out: str | os.PathLike,
-    pretrain: Sequence[str | os.PathLike] = (),
+    pretrain: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike] = (),
     n_labelled: str | Sequence[int | str] = "all",
     seeds: int = 3,
     config: SegmentConfig | None = None,
     device: str = "cpu",
     seed: int = 0,
+    force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> SegmentResult:
@@ -201,12 +203,16 @@ def run_segment(
         test_images, test_masks: the test pairs every model is scored on.
         out: the experiment folder (a rerun reuses its finished runs).
         pretrain: folders of unlabelled images (e.g. ``medfusion sample`` output) to pretrain on,
-            each a source of its own; none: scratch only.
+            each a source of its own, named after its folder (or by the keys of a mapping
+            name -> folder); none: scratch only.
         n_labelled: labelled-case counts, e.g. ``2,5,10,all``.
         seeds: draws of the labelled cases (and initialisations) per count.
         config: networks, corruption, training; default :class:`SegmentConfig`.
         device: where to train and predict.
         seed: the first seed.
+        force: start over in an ``out`` that holds an experiment of other settings (its runs are
+            removed); without it, that is an error (runs of other data or training would be
+            reused). More counts, seeds or sources than before are no change: they add runs.
         progress: progress bars.
         log: where headers and results go.
     """
@@ -233,6 +239,17 @@ def run_segment(
             f"n_labelled: {max(sizes)} labelled cases asked for, but {images} holds {len(train)} pairs"
         )
     sources = _open_sources(pretrain, train, config, log)
+    settings = {
+        "images": str(images),
+        "masks": str(masks),
+        "test_images": str(test_images),
+        "test_masks": str(test_masks),
+        "num_classes": num_classes,
+        "seed": seed,
+        "config": config.to_dict(),
+        "pretrain": {name: str(dataset.root) for name, dataset in sources.items()},
+    }
+    _check_settings(out, settings, force)
     runs: dict[str, dict] = {}
     pretrained = {
         name: _pretrain(name, dataset, train, out, config, device, progress, log)
@@ -268,7 +285,7 @@ def run_segment(
         "masks": str(masks),
         "test_images": str(test_images),
         "test_masks": str(test_masks),
-        "pretrain": {name: str(path) for name, path in zip(sources, pretrain)},
+        "pretrain": {name: str(dataset.root) for name, dataset in sources.items()},
         "n_labelled": [str(c) for c in counts],
         "seeds": seeds,
         "num_classes": num_classes,
@@ -288,6 +305,38 @@ def run_segment(
         log(line)
     log(f"wrote {out / SUMMARY_FILE} and {out / REPORT_FILE}")
     return SegmentResult(out, out / REPORT_FILE, table, runs)
+
+
+def _check_settings(out: Path, settings: dict, force: bool) -> None:
+    """Refuse to reuse the runs in ``out`` when they were made with other settings (or, with
+    ``force``, remove them); then record ``settings``. Sources are compared by name: a known name
+    must be the same folder, a new one adds runs."""
+    path = out / SETTINGS_FILE
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if earlier is not None:
+        differ = [k for k in settings if k != "pretrain" and earlier.get(k) != settings[k]]
+        sources = earlier.get("pretrain", {})
+        differ += [
+            f"pretrain {k}"
+            for k in settings["pretrain"]
+            if k in sources and sources[k] != settings["pretrain"][k]
+        ]
+        if differ and not force:
+            raise ValueError(
+                f"out {out} holds an experiment of other settings ({', '.join(differ)} differ); its runs "
+                "would not compare with new ones: give another folder, the same settings to resume, or "
+                "force=True to start over"
+            )
+        if differ:
+            for name in ("pretrain", "finetune", SUMMARY_FILE, REPORT_FILE):
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            earlier = None
+    recorded = dict(settings)
+    if earlier is not None:
+        recorded["pretrain"] = {**earlier.get("pretrain", {}), **settings["pretrain"]}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(recorded, indent=2) + "\n")
 
 
 def _check_geometry(train, test, config: SegmentConfig) -> None:
@@ -312,7 +361,8 @@ def _open_sources(pretrain, train, config: SegmentConfig, log) -> dict[str, Any]
 
     crop = tuple(train.crop)
     sources: dict[str, Any] = {}
-    for folder in pretrain:
+    given_names = list(pretrain.items()) if isinstance(pretrain, Mapping) else [(None, f) for f in pretrain]
+    for given, folder in given_names:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"pretrain {folder}: not a folder")
@@ -325,24 +375,38 @@ def _open_sources(pretrain, train, config: SegmentConfig, log) -> dict[str, Any]
                 f"pretrain {folder}: {dataset.spatial_dims}D images with {dataset.channels} channel(s), but "
                 f"the labelled images are {train.spatial_dims}D with {train.channels}"
             )
-        sources[source_name(folder, set(sources))] = dataset
+        if isinstance(given, str):
+            if NAME.search(given) or given == SCRATCH or given in sources:
+                raise ValueError(
+                    f"pretrain: the source name {given!r} must be unique, not {SCRATCH!r}, and hold only "
+                    "letters, digits and ._+-"
+                )
+            sources[given] = dataset
+        else:
+            sources[source_name(folder, set(sources))] = dataset
         log(f"pretraining source {folder}: {len(dataset)} images")
     return sources
 
 
-def _execute(kind: str, run_dir: Path, run_config: _RunConfig, task_factory, dataset, progress):
-    """Train one run through the shared skeleton (resuming its checkpoint when there is one); the
-    run's resolved config goes to its config.yaml, not to the log."""
-    from medfusion.training.run import PreparedRun, execute, seeded
+def _prepared(kind: str, run_dir: Path, run_config: _RunConfig, task_factory, dataset):
+    """One run of the shared skeleton (nothing written until it executes)."""
+    from medfusion.training.run import PreparedRun, seeded
 
-    run = PreparedRun(
+    return PreparedRun(
         command=f"medfusion segment ({kind})",
         config=run_config,
         run_dir=run_dir,
         make_task=seeded(run_config.train.seed, task_factory),
         dataset=dataset,
     )
-    resume = (run_dir / "checkpoints").is_dir()
+
+
+def _execute(run, progress):
+    """Train ``run`` (resuming its checkpoint when there is one); the run's resolved config goes to
+    its config.yaml, not to the log."""
+    from medfusion.training.run import execute
+
+    resume = (run.run_dir / "checkpoints").is_dir()
     return execute(run, resume=resume, progress=progress, log=lambda message: None)
 
 
@@ -357,11 +421,7 @@ def _model_config(train, out_channels: int, config: SegmentConfig, **extra) -> d
     }
 
 
-def _pretrain(name, dataset, train, out: Path, config: SegmentConfig, device, progress, log) -> Path:
-    folder = out / "pretrain" / name
-    if (folder / MODEL_DIR / "config.json").is_file():
-        return folder / MODEL_DIR
-    log(f"# pretraining on {name}: restoration of corrupted images ({config.pretrain.max_steps} steps)")
+def _pretrain_run(folder: Path, dataset, train, config: SegmentConfig):
     crop = tuple(train.crop)
     run_config = _RunConfig("restoration", config.data, config.network, config.pretrain, config.restoration)
 
@@ -369,24 +429,24 @@ def _pretrain(name, dataset, train, out: Path, config: SegmentConfig, device, pr
         network = build_segmenter(train.spatial_dims, train.channels, train.channels, config.network)
         return RestorationTask(network, config.restoration, crop, seed=config.pretrain.seed)
 
-    result = _execute("pretraining", folder, run_config, task, dataset, progress)
+    return _prepared("pretraining", folder, run_config, task, dataset)
+
+
+def _pretrain(name, dataset, train, out: Path, config: SegmentConfig, device, progress, log) -> Path:
+    folder = out / "pretrain" / name
+    if (folder / MODEL_DIR / "config.json").is_file():
+        return folder / MODEL_DIR
+    log(f"# pretraining on {name}: restoration of corrupted images ({config.pretrain.max_steps} steps)")
+    result = _execute(_pretrain_run(folder, dataset, train, config), progress)
     model = result.models["segmenter"]
     return save_segmenter(
         folder / MODEL_DIR, model, _model_config(train, train.channels, config, task="restoration")
     )
 
 
-def _finetune(
-    name, train, cases, test, pretrained, init, num_classes, seed, out, config, device, progress, log
-):
+def _finetune_run(folder: Path, train, cases, pretrained, init, num_classes, seed, config: SegmentConfig):
     from medfusion.data.pairs import PairedSubset
 
-    folder = out / "finetune" / name
-    if (folder / RESULT_FILE).is_file():
-        return json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
-    if folder.exists() and not (folder / "checkpoints").is_dir():
-        shutil.rmtree(folder)
-    log(f"# fine-tuning {name}: {len(cases)} labelled case(s), from {init}")
     # a batch holds at most the labelled cases (2 cases: batches of 2, with random crops and flips)
     finetune = config.finetune.replace(seed=seed, batch_size=min(config.finetune.batch_size, len(cases)))
     chosen = tuple(str(train.pairs[i].image) for i in cases)
@@ -407,15 +467,52 @@ def _finetune(
             transfer_weights(source, network)
         return SegmentationTask(network, num_classes)
 
-    result = _execute("fine-tuning", folder, run_config, task, PairedSubset(train, cases), progress)
+    return _prepared("fine-tuning", folder, run_config, task, PairedSubset(train, cases))
+
+
+def step_seconds(
+    images: str | os.PathLike,
+    masks: str | os.PathLike,
+    pretrain: str | os.PathLike,
+    config: SegmentConfig | None = None,
+) -> tuple[float, float]:
+    """Seconds of one pretraining step (on the images of ``pretrain``) and of one fine-tuning step
+    (a full batch of the labelled pairs ``images``/``masks``), measured here: what a caller plans
+    ``pretrain.max_steps`` and ``finetune.max_steps`` from. Nothing is written."""
+    from medfusion.data.pairs import PairedDataset
+    from medfusion.training.run import time_one_step
+
+    config = config or SegmentConfig()
+    train = PairedDataset(images, masks, config.data, num_classes=config.num_classes, training=True)
+    num_classes = config.num_classes or train.num_classes
+    (dataset,) = _open_sources([pretrain], train, config, lambda message: None).values()
+    nowhere = Path(os.devnull)
+    pretraining = _pretrain_run(nowhere, dataset, train, config)
+    cases = list(range(min(config.finetune.batch_size, len(train))))
+    finetuning = _finetune_run(nowhere, train, cases, None, SCRATCH, num_classes, 0, config)
+    return time_one_step(pretraining), time_one_step(finetuning)
+
+
+def _finetune(
+    name, train, cases, test, pretrained, init, num_classes, seed, out, config, device, progress, log
+):
+    folder = out / "finetune" / name
+    if (folder / RESULT_FILE).is_file():
+        return json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
+    if folder.exists() and not (folder / "checkpoints").is_dir():
+        shutil.rmtree(folder)
+    log(f"# fine-tuning {name}: {len(cases)} labelled case(s), from {init}")
+    run = _finetune_run(folder, train, cases, pretrained, init, num_classes, seed, config)
+    result = _execute(run, progress)
     model = result.models["segmenter"].to(device).eval()
+    chosen = list(run.config.cases)
     save_segmenter(
         folder / MODEL_DIR,
         model,
-        _model_config(train, num_classes, config, task="segmentation", init=init, cases=list(chosen)),
+        _model_config(train, num_classes, config, task="segmentation", init=init, cases=chosen),
     )
     scores = _score(model, test, num_classes, tuple(train.crop), folder, device)
-    record = {"cases": list(chosen), "dice": scores, "steps": result.step}
+    record = {"cases": chosen, "dice": scores, "steps": result.step}
     atomic_write_text(folder / RESULT_FILE, json.dumps(record, indent=2) + "\n")
     return record
 

@@ -231,7 +231,7 @@ def run_benchmark(
         Path(heldout),
         float(minutes),
         resize,
-        demo._device(device),
+        demo.pick_device(device),
         seed,
         progress,
         log,

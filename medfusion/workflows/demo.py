@@ -192,9 +192,9 @@ def time_table(stages: dict[str, dict], budget_seconds: float, seconds: float) -
     return lines
 
 
-def _check_out(out: Path, force: bool) -> None:
+def check_out(out: Path, force: bool, outputs: tuple[str, ...] = OUTPUTS) -> None:
     """``out`` must be new, empty (but for a lock file), or (with ``force``) an earlier demo run,
-    whose outputs are removed."""
+    whose ``outputs`` are removed."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out {out} is a file; give a folder for the demo run")
     if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
@@ -203,7 +203,7 @@ def _check_out(out: Path, force: bool) -> None:
         raise FileExistsError(f"out {out} is not empty and not a medfusion demo run; choose another folder")
     if not force:
         raise FileExistsError(f"out {out} holds an earlier demo run; pass force=True to replace it")
-    for name in OUTPUTS:
+    for name in outputs:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -211,7 +211,7 @@ def _check_out(out: Path, force: bool) -> None:
             path.unlink()
 
 
-def _device(device: str | None) -> str:
+def pick_device(device: str | None) -> str:
     import torch
 
     if device is None:
@@ -258,20 +258,18 @@ def run_demo(
     if process_state().num_processes > 1:
         raise RuntimeError("medfusion demo runs in one process; use the single commands under a launcher")
     out = Path(out)
-    device = _device(device)
+    device = pick_device(device)
     budget = TimeBudget(60.0 * minutes, WEIGHTS, MARGIN)
     with run_lock(out, "medfusion demo"):  # the stages lock their own folders (or this one again)
-        _check_out(out, force)
+        check_out(out, force)
         return _run_stages(out, dataset, budget, data_dir, device, seed, progress, log)
 
 
-class _Stages:
+class Stages:
     """The stage headers and the record of every stage (``demo.json``'s ``stages``)."""
 
-    total = 8
-
-    def __init__(self, budget: TimeBudget, log: Callable[[str], None]):
-        self.budget, self.log = budget, log
+    def __init__(self, budget: TimeBudget, log: Callable[[str], None], total: int = 8):
+        self.budget, self.log, self.total = budget, log, total
         self.records: dict[str, dict] = {}
         self.number = 0
 
@@ -297,7 +295,7 @@ def _run_stages(out: Path, dataset: str, budget: TimeBudget, data_dir, device: s
 
     spatial_dims = 3 if dataset == DATASET_3D else 2
     profile = PROFILES[(spatial_dims, "cuda" if device.startswith("cuda") else "cpu")]
-    stages = _Stages(budget, log)
+    stages = Stages(budget, log)
 
     t, _ = stages.start("data", "demo data (built once from files inside installed packages, then reused)")
     root = build_demo_data(data_dir, datasets=(dataset,), seed=seed, progress=progress) / dataset
@@ -328,7 +326,7 @@ def _run_stages(out: Path, dataset: str, budget: TimeBudget, data_dir, device: s
     stages.done("diffusion", t, deadline, **info)
 
     t, deadline = stages.start("sample", "sampling a synthetic dataset")
-    info = _sample(model_path, demo_data, out / "synthetic", deadline, device, seed, progress, log)
+    info = sample_stage(model_path, demo_data, out / "synthetic", deadline, device, seed, progress, log)
     stages.done("sample", t, deadline, **info)
 
     t, deadline = stages.start(
@@ -586,13 +584,25 @@ def train_unet_stage(demo_data: StageData, vae_path, out, profile, deadline, see
     return out / MODEL_DIR, record
 
 
-def _sample(model_path, demo_data: StageData, synthetic, deadline, device, seed, progress, log):
-    """A first batch of samples, timed; then as many per class as the rest of the time buys."""
+def sample_stage(
+    model_path,
+    demo_data: StageData,
+    synthetic,
+    deadline,
+    device,
+    seed,
+    progress,
+    log,
+    bounds: tuple[int, int] | None = None,
+):
+    """A first batch of samples, timed; then as many per class (unconditional: in all) as the rest
+    of the time buys, within ``bounds`` (default: at least :data:`MIN_PER_CLASS`, at most the
+    held-out images of a class)."""
     from medfusion.samplers.schedulers import SamplerConfig
     from medfusion.samplers.synthetic import write_synthetic_dataset
 
-    classes = len(demo_data.classes)
-    low, high = MIN_PER_CLASS, max(MIN_PER_CLASS, demo_data.heldout_per_class)
+    classes = max(1, len(demo_data.classes))
+    low, high = bounds or (MIN_PER_CLASS, max(MIN_PER_CLASS, demo_data.heldout_per_class))
     sampler = SamplerConfig()
 
     def write(n: int):

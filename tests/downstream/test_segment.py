@@ -97,3 +97,63 @@ def test_counts_are_parsed():
     for text in ("0", "two", "2,2", ""):
         with pytest.raises(ValueError, match="n_labelled"):
             parse_counts(text)
+
+
+def test_other_settings_are_refused_unless_forced(experiment, brain, tmp_path):
+    out = tmp_path / "out"
+    _run(brain, out, n_labelled="2", seeds=1, pretrain=[])
+    changed = SegmentConfig.from_dict({**TINY, "finetune": {"max_steps": 4, "batch_size": 4}}, source="test")
+    with pytest.raises(ValueError, match=r"holds an experiment of other settings \(config differ\)"):
+        _run(brain, out, n_labelled="2", seeds=1, pretrain=[], config=changed)
+    # more counts and sources add runs to the same experiment
+    _, lines = _run(brain, out, n_labelled="2,3", seeds=1, pretrain=[brain / "images"])
+    assert sum(line.startswith("# fine-tuning n2-seed0-scratch") for line in lines) == 0
+    assert any(line.startswith("# fine-tuning n3-seed0-images") for line in lines)
+    result, lines = _run(brain, out, n_labelled="2", seeds=1, pretrain=[], config=changed, force=True)
+    assert any(line.startswith("# fine-tuning n2-seed0-scratch") for line in lines)
+    assert result.runs["n2-seed0-scratch"]["steps"] == 4 and not (out / "pretrain").exists()
+
+
+def test_an_interrupted_experiment_resumes_to_the_same_results(experiment, brain, tmp_path, monkeypatch):
+    """Interrupted in the middle of pretraining (at step 3 of 4, after its checkpoint at step 2),
+    then after a fine-tuned model was trained but not scored: the rerun ends as an uninterrupted
+    run, weight for weight."""
+    from safetensors.torch import load_file
+
+    from medfusion.downstream import segment
+    from medfusion.training.run import execute
+
+    steps = {"max_steps": 4, "batch_size": 4, "checkpoint_every": 2}
+    config = SegmentConfig.from_dict({**TINY, "pretrain": steps, "finetune": steps}, source="test")
+    options = {"n_labelled": "2", "seeds": 1, "config": config}
+    whole, _ = _run(brain, tmp_path / "whole", **options)
+
+    def interrupted(run, progress):
+        def stop(step, scalars):
+            if step == 3:
+                raise KeyboardInterrupt
+
+        return execute(run, resume=(run.run_dir / "checkpoints").is_dir(), progress=False,
+                       log=lambda message: None, callback=stop)  # fmt: skip
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(segment, "_execute", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _run(brain, out, **options)
+    assert not (out / "pretrain" / "images" / "model").exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(segment, "_score", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            _run(brain, out, **options)
+    assert (out / "pretrain" / "images" / "model").is_dir()
+    assert not list(out.glob("finetune/*/result.json"))
+    resumed, _ = _run(brain, out, **options)
+    for path in (
+        "pretrain/images/model",
+        "finetune/n2-seed0-scratch/model",
+        "finetune/n2-seed0-images/model",
+    ):
+        a, b = (load_file(str(root / path / "model.safetensors")) for root in (tmp_path / "whole", out))
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), path
+    assert resumed.table == whole.table

@@ -309,3 +309,33 @@ def test_evaluate_errors_name_the_options(small_folder, tmp_path, capsys):
     assert main([*argv, "--fake", str(small_folder), "--tstr"]) == 1
     assert "medfusion: error: --tstr needs --train" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_data_inspect_reports_image_mask_pairs(tmp_path, capsys):
+    from PIL import Image
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(images / f"case{i}.png")
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:4, :] = 1
+        mask[:2, :2] = 2
+        Image.fromarray(mask).save(masks / f"case{i}.png")
+    report = tmp_path / "pairs.json"
+    assert (
+        main(["data", "inspect", str(images), "--masks", str(masks), "--json", str(report), "--quiet"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "pairs          3" in out and "labels found   0, 1, 2" in out and "usable: yes" in out
+    summary = json.loads(report.read_text())
+    assert summary["pairs"] == 3 and summary["class_fractions"] == {"0": 0.5, "1": 0.4375, "2": 0.0625}
+    assert main(["data", "inspect", str(images), "--masks", str(masks), "--num-classes", "2", "--quiet"]) == 1
+    assert "holds label(s) 2 but num_classes is 2" in capsys.readouterr().out
+    (masks / "case2.png").unlink()
+    assert main(["data", "inspect", str(images), "--masks", str(masks), "--quiet"]) == 1
+    assert "images without a mask: 1: case2" in capsys.readouterr().out
+    assert main(["data", "inspect", str(images), "--masks", str(masks), "--labels", "x.csv"]) == 1
+    assert "--labels: not for image/mask pairs (--masks)" in capsys.readouterr().err
+    assert main(["data", "inspect", str(images), "--num-classes", "2"]) == 1
+    assert "--num-classes applies to image/mask pairs: give --masks" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from medfusion.cli import main
 from medfusion.workflows import demo, segmentation_demo
 from medfusion.workflows.demo import DemoModels
 from medfusion.workflows.segmentation_demo import (
+    AROUND_RUN_SECONDS,
     AROUND_RUN_STEPS,
     FINETUNE_BOUNDS,
     OVERHEAD,
@@ -64,14 +65,14 @@ def test_the_segmentation_story_from_the_command_line(tmp_path, tiny, capsys):
 
 
 def test_the_segmentation_steps_fill_the_time_and_keep_their_bounds():
-    pretrain, finetune, sources, runs = 0.05, 0.02, 2, 18
-    steps = plan_finetune_steps(300.0, pretrain, finetune, sources, runs)
-    spent = OVERHEAD * steps * (sources * PRETRAIN_RATIO * pretrain + runs * finetune)
-    spent += runs * AROUND_RUN_STEPS * finetune
-    one_more = spent + OVERHEAD * (sources * PRETRAIN_RATIO * pretrain + runs * finetune)
-    assert spent <= 300.0 < one_more
-    assert plan_finetune_steps(1.0, pretrain, finetune, sources, runs) == FINETUNE_BOUNDS[0]
-    assert plan_finetune_steps(1e9, pretrain, finetune, sources, runs) == FINETUNE_BOUNDS[1]
+    pretrain, sources = 0.05, 2
+    finetune = [0.005] * 6 + [0.02] * 12  # runs with 2 labelled cases are cheaper per step
+    steps = plan_finetune_steps(300.0, pretrain, finetune, sources)
+    per_step = OVERHEAD * (sources * PRETRAIN_RATIO * pretrain + sum(finetune))
+    around = sum(AROUND_RUN_SECONDS + AROUND_RUN_STEPS * step for step in finetune)
+    assert around + steps * per_step <= 300.0 < around + (steps + 1) * per_step
+    assert plan_finetune_steps(1.0, pretrain, finetune, sources) == FINETUNE_BOUNDS[0]
+    assert plan_finetune_steps(1e9, pretrain, finetune, sources) == FINETUNE_BOUNDS[1]
 
 
 def test_the_segmentation_demo_checks_its_arguments(tmp_path, capsys):

@@ -293,7 +293,8 @@ def run_segment(
         "config": config.to_dict(),
         "table": table,
         "runs": runs,
-        "note": "pretraining on synthetic images is private with respect to the fine-tuning data only",
+        "note": "pretraining uses the images of each source without labels; fine-tuning and scoring "
+        "use the labelled pairs only",
         "medfusion_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -475,10 +476,16 @@ def step_seconds(
     masks: str | os.PathLike,
     pretrain: str | os.PathLike,
     config: SegmentConfig | None = None,
-) -> tuple[float, float]:
+    n_labelled: str | Sequence[int | str] = "all",
+) -> tuple[float, dict[int, float]]:
     """Seconds of one pretraining step (on the images of ``pretrain``) and of one fine-tuning step
-    (a full batch of the labelled pairs ``images``/``masks``), measured here: what a caller plans
-    ``pretrain.max_steps`` and ``finetune.max_steps`` from. Nothing is written."""
+    of every labelled count in ``n_labelled`` (its batch holds at most that many pairs), measured
+    here: what a caller plans ``pretrain.max_steps`` and ``finetune.max_steps`` from.
+
+    Returns:
+        The pretraining step's seconds and ``{n: seconds}`` for every count ``n`` (``all`` as the
+        number of pairs). Nothing is written.
+    """
     from medfusion.data.pairs import PairedDataset
     from medfusion.training.run import time_one_step
 
@@ -487,10 +494,13 @@ def step_seconds(
     num_classes = config.num_classes or train.num_classes
     (dataset,) = _open_sources([pretrain], train, config, lambda message: None).values()
     nowhere = Path(os.devnull)
-    pretraining = _pretrain_run(nowhere, dataset, train, config)
-    cases = list(range(min(config.finetune.batch_size, len(train))))
-    finetuning = _finetune_run(nowhere, train, cases, None, SCRATCH, num_classes, 0, config)
-    return time_one_step(pretraining), time_one_step(finetuning)
+    pretraining = time_one_step(_pretrain_run(nowhere, dataset, train, config))
+    counts = [len(train) if c == "all" else min(int(c), len(train)) for c in parse_counts(n_labelled)]
+    by_batch: dict[int, float] = {}
+    for batch in sorted({min(config.finetune.batch_size, n) for n in counts}):
+        run = _finetune_run(nowhere, train, list(range(batch)), None, SCRATCH, num_classes, 0, config)
+        by_batch[batch] = time_one_step(run)
+    return pretraining, {n: by_batch[min(config.finetune.batch_size, n)] for n in counts}
 
 
 def _finetune(

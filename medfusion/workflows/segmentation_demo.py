@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +67,10 @@ SEEDS = 2  # draws of the labelled cases per count
 SYNTHETIC_BOUNDS = (1, 4)  # synthetic images, in multiples of the training images
 PRETRAIN_RATIO = 2  # pretraining steps per fine-tuning step
 FINETUNE_BOUNDS = (20, 1000)  # fine-tuning steps per run; the floor wins over the budget
-AROUND_RUN_STEPS = 40  # per run: building, saving, predicting the test images, in fine-tuning steps
+# the work of a fine-tuning run around its loop (building, saving, predicting and writing the test
+# masks): seconds, and fine-tuning steps
+AROUND_RUN_SECONDS = 1.5
+AROUND_RUN_STEPS = 10
 # the segmentation networks by spatial dims and accelerator (a few minutes on two CPU cores)
 NETWORKS = {
     (2, "cpu"): (16, 32, 64),
@@ -90,13 +93,14 @@ class SegmentationDemoResult:
 
 
 def plan_finetune_steps(
-    seconds: float, pretrain_step: float, finetune_step: float, sources: int, runs: int
+    seconds: float, pretrain_step: float, finetune_steps: Sequence[float], sources: int
 ) -> int:
     """Fine-tuning steps per run (pretraining takes :data:`PRETRAIN_RATIO` times as many per
-    source) that fit ``sources`` pretrainings and ``runs`` fine-tunings in ``seconds``, with the
-    loop's overhead and each run's work around its loop; within :data:`FINETUNE_BOUNDS`."""
-    per_step = OVERHEAD * (sources * PRETRAIN_RATIO * pretrain_step + runs * finetune_step)
-    around = runs * AROUND_RUN_STEPS * finetune_step
+    source) that fit ``sources`` pretrainings and one fine-tuning per entry of ``finetune_steps``
+    (its seconds per step) in ``seconds``, with the loop's overhead and each run's work around its
+    loop (:data:`AROUND_RUN_SECONDS` and :data:`AROUND_RUN_STEPS`); within :data:`FINETUNE_BOUNDS`."""
+    per_step = OVERHEAD * (sources * PRETRAIN_RATIO * pretrain_step + sum(finetune_steps))
+    around = sum(AROUND_RUN_SECONDS + AROUND_RUN_STEPS * step for step in finetune_steps)
     return within(affordable(seconds - around, per_step), *FINETUNE_BOUNDS)
 
 
@@ -203,22 +207,25 @@ def _run_stages(out: Path, dataset: str, budget: TimeBudget, data_dir, device: s
 
 
 def _segment(folders: dict[str, Path], out: Path, deadline: float, device: str, seed, progress, log):
-    from medfusion.downstream.segment import SegmentConfig, parse_counts, run_segment, step_seconds
+    from medfusion.downstream.segment import SegmentConfig, run_segment, step_seconds
 
     images = folders["images"]
     spatial_dims = 3 if any(p.name.endswith((".nii", ".nii.gz")) for p in images.iterdir()) else 2
     channels = NETWORKS[(spatial_dims, "cuda" if device.startswith("cuda") else "cpu")]
     config = SegmentConfig.from_dict({"network": {"channels": list(channels)}}, source="medfusion demo")
     sources = {"synthetic": out / "synthetic", "real-unlabelled": images}
-    pretrain_step, finetune_step = step_seconds(images, folders["masks"], sources["synthetic"], config)
-    counts = parse_counts(COUNTS)
-    runs = len(counts) * SEEDS * (1 + len(sources))
+    pretrain_step, finetune_step = step_seconds(
+        images, folders["masks"], sources["synthetic"], config, n_labelled=COUNTS
+    )
+    per_run = [finetune_step[n] for n in finetune_step for _ in range(SEEDS * (1 + len(sources)))]
+    runs = len(per_run)
     seconds = deadline - time.monotonic()
-    steps = plan_finetune_steps(seconds, pretrain_step, finetune_step, len(sources), runs)
+    steps = plan_finetune_steps(seconds, pretrain_step, per_run, len(sources))
+    measured = ", ".join(f"{t:.3f} s with {n} labelled" for n, t in finetune_step.items())
     log(
         f"plan: {len(sources)} pretrainings of {PRETRAIN_RATIO * steps} steps and {runs} fine-tunings of "
-        f"{steps} steps in {seconds:.0f} s ({pretrain_step:.3f} and {finetune_step:.3f} s per step "
-        "measured here)"
+        f"{steps} steps in {seconds:.0f} s (per step, measured here: {pretrain_step:.3f} s pretraining, "
+        f"{measured})"
     )
     config = config.replace(
         pretrain=config.pretrain.replace(max_steps=PRETRAIN_RATIO * steps, seed=seed),
@@ -243,6 +250,9 @@ def _segment(folders: dict[str, Path], out: Path, deadline: float, device: str, 
         "pretrain_steps": PRETRAIN_RATIO * steps,
         "finetune_steps": steps,
         "runs": runs,
-        "seconds_per_step": {"pretrain": round(pretrain_step, 4), "finetune": round(finetune_step, 4)},
+        "seconds_per_step": {
+            "pretrain": round(pretrain_step, 4),
+            "finetune": {str(n): round(t, 4) for n, t in finetune_step.items()},
+        },
     }
     return result, info

@@ -61,6 +61,7 @@ MODEL_DIR = "model"
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "segmentation.json"
 SETTINGS_FILE = "settings.json"
+LABEL_GAP = 14  # pixels between the labels of the learning curve's lines
 REPORT_FILE = "segmentation.html"
 NAME = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -670,6 +671,7 @@ def _curve(table: dict, inits: Sequence[str], width: int = 460, height: int = 28
         parts.append(
             f'<text x="{margin - 6}" y="{y(t) + 4:.1f}" font-size="11" text-anchor="end">{t:g}</text>'
         )
+    labels: list[tuple[float, str, str]] = []  # (y, text, colour) at the right end of each line
     for index, init in enumerate(inits):
         colour = ("#333", "#c0392b", "#1f6fb2", "#1e8449", "#8e44ad")[index % 5]
         points = [
@@ -687,9 +689,13 @@ def _curve(table: dict, inits: Sequence[str], width: int = 460, height: int = 28
                 f'<line x1="{px:.1f}" y1="{py - span:.1f}" x2="{px:.1f}" y2="{py + span:.1f}" '
                 f'stroke="{colour}"/><circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{colour}"/>'
             )
+        labels.append((points[-1][1] + 4, init, colour))
+    placed = -math.inf
+    for label_y, init, colour in sorted(labels):  # top to bottom, at least a line apart
+        placed = max(label_y, placed + LABEL_GAP)
         parts.append(
-            f'<text x="{width - margin + 4}" y="{points[-1][1] + 4 + 13 * index:.1f}" font-size="12" '
-            f'fill="{colour}">{html.escape(init)}</text>'
+            f'<text x="{width - margin + 4}" y="{placed:.1f}" font-size="12" fill="{colour}">'
+            f"{html.escape(init)}</text>"
         )
     parts.append(
         f'<text x="{width / 2}" y="{height - 8}" font-size="12" text-anchor="middle">labelled cases</text>'

@@ -152,7 +152,7 @@ def test_the_demo_keeps_its_budget_when_training_is_slow(tmp_path, data_dir, tin
     monkeypatch.setattr(demo, "STEP_BOUNDS", dict.fromkeys(TRAINED, (floor, floor)))
     for task in (VAETask, DiffusionTask, FeaturesTask):
         monkeypatch.setattr(task, "training_step", _slowed(task.training_step, 0.05))
-    minutes, lines = 1.25, []
+    minutes, lines = 0.8, []
     start = time.monotonic()
     result = run_demo(tmp_path / "run", data_dir=data_dir, minutes=minutes, progress=False, log=lines.append)
     wall = time.monotonic() - start

@@ -863,7 +863,8 @@ def run_classify(
         "classes": list(train.class_names),
         "n_train": len(train),
         "delta": delta,
-        "config": config.to_dict(),
+        # the classifier's own training fields (max_steps, ...) are TSTR's: not used here
+        "config": {**config.to_dict(), "classifier": config.network()},
     }
     inits = [SCRATCH, PRETRAINED] if pretrain is not None else [SCRATCH]
     run_seeds = [seed + k for k in range(seeds)]

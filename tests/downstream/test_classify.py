@@ -389,6 +389,12 @@ def test_rerun_reuses_finished_runs_and_refuses_other_settings(experiment, folde
     with pytest.raises(FileExistsError, match=r"pretrain .* -> null"):
         run_classify(folders["train"], folders["test"], out, None, "2", 1, TINY)
     assert _files(out) == snapshot
+    # the classifier's TSTR training fields are not used here: changing them is no other setting
+    unused = TINY.replace(classifier=TINY.classifier.replace(max_steps=7, learning_rate=0.5))
+    lines.clear()
+    run_classify(folders["train"], folders["test"], out, folders["synthetic"], "2", 1, unused,
+                 log=lines.append, progress=False)  # fmt: skip
+    assert not any(re.match(r"eps\S+-seed\d+-\w+: ", line) and "reused" not in line for line in lines)
 
 
 def test_force_starts_over_with_other_settings(folders, tmp_path):

@@ -24,6 +24,7 @@ import errno
 import json
 import os
 import shlex
+import shutil
 import socket
 import sys
 import threading
@@ -249,3 +250,24 @@ def _describe(holder: Mapping | None, folder: Path) -> str:
         f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')} "
         f"(command {command})"
     )
+
+
+def earlier_settings(out: Path, settings_file: str, force: bool, not_ours: str) -> dict | None:
+    """The settings an earlier run left in ``out`` (its ``settings_file``, JSON), for the caller to
+    compare with its own; None when there is nothing to compare: ``out`` is new or empty (but for
+    its lock), or ``force`` emptied it.
+
+    Raises:
+        FileExistsError: ``out`` holds other files but no ``settings_file``: the ``not_ours`` message.
+    """
+    entries = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    if not entries:
+        return None
+    file = out / settings_file
+    if not file.is_file():
+        raise FileExistsError(not_ours)
+    if force:
+        for path in entries:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
+    return json.loads(file.read_text(encoding="utf-8"))

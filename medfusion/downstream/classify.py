@@ -77,7 +77,7 @@ from medfusion.downstream.classifier import (
     classification_metrics,
     predict,
 )
-from medfusion.runlock import LOCK_NAME, run_lock
+from medfusion.runlock import earlier_settings, run_lock
 from medfusion.utils import MAX_SEED, atomic_dir, atomic_write_text
 
 DP_INSTALL = 'pip install "medfusion[dp]"'
@@ -907,20 +907,13 @@ def run_classify(
 def _check_out(out: Path, settings: dict, force: bool, log: Callable[[str], None]) -> None:
     """``out`` must be new, empty (but for its lock), or an earlier experiment: of the same settings
     (resumed) or, with ``force``, any (removed)."""
-    entries = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
-    if not entries:
+    not_ours = (
+        f"out {out} is not empty and not a medfusion classify folder (no {SETTINGS_FILE}); "
+        "choose another folder"
+    )
+    earlier = earlier_settings(out, SETTINGS_FILE, force, not_ours)
+    if earlier is None:
         return
-    file = out / SETTINGS_FILE
-    if not file.is_file():
-        raise FileExistsError(
-            f"out {out} is not empty and not a medfusion classify folder (no {SETTINGS_FILE}); "
-            "choose another folder"
-        )
-    if force:
-        for path in entries:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return
-    earlier = json.loads(file.read_text(encoding="utf-8"))
     differ = _differences(earlier, settings)
     if differ:
         raise FileExistsError(

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 from medfusion import __version__
 from medfusion.config import DataConfig, merge_dicts
 from medfusion.metrics.report import COLUMNS as REPORT_COLUMNS
-from medfusion.runlock import LOCK_NAME, run_lock
+from medfusion.runlock import earlier_settings, run_lock
 from medfusion.utils import atomic_write_text, process_state
 from medfusion.workflows import demo
 from medfusion.workflows.budget import TimeBudget
@@ -329,19 +329,10 @@ class _Benchmark:
         """``out`` must be new, empty (but for its lock), or an earlier benchmark: of the same settings
         (resumed) or, with ``force``, any (removed)."""
         out = self.out
-        entries = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
-        if not entries:
+        not_ours = f"out {out} is not empty and not a medfusion benchmark; choose another folder"
+        earlier = earlier_settings(out, SETTINGS_FILE, force, not_ours)
+        if earlier is None:
             return
-        file = out / SETTINGS_FILE
-        if not file.is_file():
-            raise FileExistsError(
-                f"out {out} is not empty and not a medfusion benchmark; choose another folder"
-            )
-        if force:
-            for path in entries:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            return
-        earlier = json.loads(file.read_text(encoding="utf-8"))
         differ = [k for k in SETTINGS if earlier.get(k) != self.settings[k]]
         if differ:
             changes = ", ".join(f"{k} {earlier.get(k)!r} -> {self.settings[k]!r}" for k in differ)

@@ -173,6 +173,8 @@ _OPTIONS: dict[str, dict] = {
         "also $MEDFUSION_MAX_PIXELS)",
     },
     "--batch-size": {"type": int},
+    "--config": {"type": Path, "metavar": "YAML"},
+    "--set": {"action": "append", "default": [], "metavar": "KEY=VALUE"},
     "--seed": {"type": _seed, "default": 0},
     "--device": {"help": "cpu, cuda, cuda:1 ... (default: CUDA when available)"},
     "--dry-run": {"action": "store_true", "help": "print the resolved config and stop"},
@@ -213,7 +215,6 @@ def _training_config(cls, args: argparse.Namespace, saved: Path, defaults: dict 
     """The run config of a training command (:func:`medfusion.config.merge_config`): ``--config``
     (or, with ``--resume``, the run's saved config), the options, then ``--set``. ``own``: the
     command's own top-level options (None: not given); ``defaults``: sections the YAML leaves out."""
-    from medfusion.config import merge_config
 
     file = args.config
     if file is None and args.resume and saved.is_file():
@@ -224,8 +225,19 @@ def _training_config(cls, args: argparse.Namespace, saved: Path, defaults: dict 
         "data": {"labels": args.labels, "skip_bad": args.skip_bad or None},
         **own,
     }
-    with _naming_options({"assignments: expected": "--set expects", "assignments ": "--set "}):
-        return merge_config(cls, file, _given(options), args.set, defaults, source="command line")
+    return _merged_config(cls, file, options, args.set, defaults)
+
+
+def _merged_config(cls, file, options: Mapping, sets, defaults=None, named: tuple[str, ...] = ()):
+    """:func:`medfusion.config.merge_config` of ``file``, the ``options`` given (None: not given) and
+    ``--set``; its errors name ``--set`` and the top-level ``named`` options as the command line
+    spells them."""
+    from medfusion.config import merge_config
+
+    phrases = {f"{key} ": f"--{key.replace('_', '-')} " for key in named}
+    phrases |= {"assignments: expected": "--set expects", "assignments ": "--set "}
+    with _naming_options(phrases):
+        return merge_config(cls, file, _given(options), sets, defaults, source="command line")
 
 
 def _train_vae(args: argparse.Namespace) -> int:
@@ -398,7 +410,7 @@ def _evaluate_vae(args: argparse.Namespace) -> int:
 
 def _add_training_options(parser: argparse.ArgumentParser, sections: str) -> None:
     _option(parser, "--data", help="training images/volumes")
-    parser.add_argument("--config", type=Path, metavar="YAML", help=f"config with sections {sections}")
+    _option(parser, "--config", help=f"config with sections {sections}")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest valid checkpoint in RUN"
     )
@@ -409,13 +421,7 @@ def _add_training_options(parser: argparse.ArgumentParser, sections: str) -> Non
     parser.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
     _option(parser, "--batch-size", help="images per process and step (train.batch_size)")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="train.mixed_precision")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.learning_rate=2e-4 (repeatable)",
-    )
+    _option(parser, "--set", help="override a config value, e.g. --set train.learning_rate=2e-4 (repeatable)")
     _option(parser, "--quiet")
 
 
@@ -870,30 +876,14 @@ def _add_segment_parser(commands) -> None:
     seg.add_argument(
         "--num-classes", type=_positive_int, help="classes with background (default: the masks')"
     )
-    seg.add_argument(
-        "--config", type=Path, metavar="YAML", help="sections data, network, restoration, pretrain, finetune"
-    )
-    seg.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set finetune.max_steps=500 (repeatable)",
-    )
-    _option(seg, "--device", default="cpu", help="e.g. cuda (default cpu)")
-    _option(seg, "--seed", help="the first seed")
-    _option(seg, "--force", help="start over in an --out that holds an experiment of other settings")
-    _option(seg, "--quiet")
+    _add_experiment_options(seg, "data, network, restoration, pretrain, finetune", "finetune.max_steps=500")
     seg.set_defaults(run=_segment)
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from medfusion.config import merge_config
     from medfusion.downstream.segment import SegmentConfig, run_segment
 
-    with _naming_options({"assignments: expected": "--set expects", "assignments ": "--set "}):
-        options = _given({"num_classes": args.num_classes})
-        config = merge_config(SegmentConfig, args.config, options, args.set, None, source="command line")
+    config = _merged_config(SegmentConfig, args.config, {"num_classes": args.num_classes}, args.set)
     phrases = {"n_labelled:": "--n-labelled:", "seeds must": "--seeds must", "pretrain ": "--pretrain "}
     phrases |= {"test_images:": "--test-images:", "force=True": "--force"}
     with _naming_options(phrases):
@@ -942,34 +932,26 @@ def _add_classify_parser(commands) -> None:
     cls.add_argument("--max-grad-norm", type=float, help="per-sample clipping norm (default 1.0)")
     cls.add_argument("--epochs", type=_positive_int, help="epochs on the real training images (default 15)")
     cls.add_argument("--seeds", type=_positive_int, default=3, help="runs per epsilon (default 3)")
-    cls.add_argument(
-        "--config", type=Path, metavar="YAML", help="sections data, classifier and the training keys"
-    )
-    cls.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set batch_size=256 (repeatable)",
-    )
-    _option(cls, "--device", default="cpu", help="e.g. cuda (default cpu)")
-    _option(cls, "--seed", help="the first seed")
-    _option(cls, "--force", help="start over in an --out that holds an experiment of other settings")
-    _option(cls, "--quiet")
+    _add_experiment_options(cls, "data, classifier and the training keys", "batch_size=256")
     cls.set_defaults(run=_classify)
 
 
+def _add_experiment_options(parser: argparse.ArgumentParser, sections: str, example: str) -> None:
+    """The options of an experiment command (``segment``, ``classify``): its config, where it runs,
+    its first seed, starting over."""
+    _option(parser, "--config", help=f"sections {sections}")
+    _option(parser, "--set", help=f"override a config value, e.g. --set {example} (repeatable)")
+    _option(parser, "--device", default="cpu", help="e.g. cuda (default cpu)")
+    _option(parser, "--seed", help="the first seed")
+    _option(parser, "--force", help="start over in an --out that holds an experiment of other settings")
+    _option(parser, "--quiet")
+
+
 def _classify(args: argparse.Namespace) -> int:
-    from medfusion.config import merge_config
     from medfusion.downstream.classify import ClassifyConfig, run_classify
 
     given = {"delta": args.delta, "max_grad_norm": args.max_grad_norm, "epochs": args.epochs}
-    phrases = {f"{key} ": f"--{key.replace('_', '-')} " for key in given}
-    phrases |= {"assignments: expected": "--set expects", "assignments ": "--set "}
-    with _naming_options(phrases):
-        config = merge_config(
-            ClassifyConfig, args.config, _given(given), args.set, None, source="command line"
-        )
+    config = _merged_config(ClassifyConfig, args.config, given, args.set, named=tuple(given))
     phrases = {
         "epsilons:": "--epsilon:",
         "pretrain ": "--pretrain ",

@@ -253,16 +253,21 @@ def run_demo(
         raise ValueError(f"dataset must be one of {(*DATASETS_2D, DATASET_3D)}; got {dataset!r}")
     if three_d and dataset != DATASET_3D:
         raise ValueError(f"three_d=True runs the {DATASET_3D!r} dataset; got dataset {dataset!r}")
+    budget = demo_budget(minutes, WEIGHTS, MARGIN)
+    out = Path(out)
+    device = pick_device(device)
+    with run_lock(out, "medfusion demo"):  # the stages lock their own folders (or this one again)
+        check_out(out, force)
+        return _run_stages(out, dataset, budget, data_dir, device, seed, progress, log)
+
+
+def demo_budget(minutes: float, weights: dict[str, float], margin: float) -> TimeBudget:
+    """The time budget of a demo run, starting now; a demo runs in one process."""
     if not minutes > 0:
         raise ValueError(f"minutes must be > 0; got {minutes}")
     if process_state().num_processes > 1:
         raise RuntimeError("medfusion demo runs in one process; use the single commands under a launcher")
-    out = Path(out)
-    device = pick_device(device)
-    budget = TimeBudget(60.0 * minutes, WEIGHTS, MARGIN)
-    with run_lock(out, "medfusion demo"):  # the stages lock their own folders (or this one again)
-        check_out(out, force)
-        return _run_stages(out, dataset, budget, data_dir, device, seed, progress, log)
+    return TimeBudget(60.0 * minutes, weights, margin)
 
 
 class Stages:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from medfusion import __version__
 from medfusion.runlock import run_lock
-from medfusion.utils import atomic_write_text, process_state
+from medfusion.utils import atomic_write_text
 from medfusion.workflows import demo
 from medfusion.workflows.budget import TimeBudget, affordable, within
 from medfusion.workflows.demo import (
@@ -51,6 +51,7 @@ from medfusion.workflows.demo import (
     Stages,
     autoencoder_run,
     check_out,
+    demo_budget,
     pick_device,
     sample_stage,
     train_autoencoder_stage,
@@ -130,13 +131,9 @@ def run_segmentation_demo(
     """
     if dataset not in SETS:
         raise ValueError(f"dataset must be one of {SETS} for the segmentation demo; got {dataset!r}")
-    if not minutes > 0:
-        raise ValueError(f"minutes must be > 0; got {minutes}")
-    if process_state().num_processes > 1:
-        raise RuntimeError("medfusion demo runs in one process; use the single commands under a launcher")
+    budget = demo_budget(minutes, WEIGHTS, MARGIN)
     out = Path(out)
     device = pick_device(device)
-    budget = TimeBudget(60.0 * minutes, WEIGHTS, MARGIN)
     with run_lock(out, "medfusion demo --segmentation"):
         check_out(out, force, OUTPUTS)
         return _run_stages(out, dataset, budget, data_dir, device, seed, progress, log)

@@ -96,7 +96,11 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def experiment(folders, tmp_path_factory):
     """One finished experiment (epsilon 2 and inf, two seeds, scratch and pretrained), and its log."""
-    out = tmp_path_factory.mktemp("experiment") / "out"
+    return _experiment(folders, tmp_path_factory.mktemp("experiment") / "out")
+
+
+def _experiment(folders: dict[str, Path], out: Path):
+    """Epsilon 2 and inf, two seeds, scratch and pretrained into ``out``; the result and the log."""
     lines: list[str] = []
     result = run_classify(
         folders["train"],
@@ -360,18 +364,7 @@ def test_rerun_reuses_finished_runs_and_refuses_other_settings(experiment, folde
     before = _files(out)
     redo = out / "runs" / "epsinf-seed1-pretrained"
     (redo / "result.json").unlink()
-    lines: list[str] = []
-    run_classify(
-        folders["train"],
-        folders["test"],
-        out,
-        pretrain=folders["synthetic"],
-        epsilons="2,inf",
-        seeds=2,
-        config=TINY,
-        progress=False,
-        log=lines.append,
-    )
+    _, lines = _experiment(folders, out)
     trained = [line for line in lines if re.match(r"eps\S+-seed\d+-\w+: ", line) and "reused" not in line]
     assert len(trained) == 1 and trained[0].startswith("epsinf-seed1-pretrained: non-private")
     assert sum("finished earlier, reused" in line for line in lines) == 7

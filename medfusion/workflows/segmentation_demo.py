@@ -164,7 +164,8 @@ def _run_stages(out: Path, dataset: str, budget: TimeBudget, data_dir, device: s
 
     # the generator learns the training images without their masks: the unlabelled pool
     generator_data = StageData.from_folders(folders["images"], folders["test-images"])
-    profile = demo.PROFILES[(generator_data.dims, "cuda" if device.startswith("cuda") else "cpu")]
+    machine = (generator_data.dims, "cuda" if device.startswith("cuda") else "cpu")
+    profile = demo.PROFILES[machine]
     out.mkdir(parents=True, exist_ok=True)
     t, deadline = stages.start("autoencoder", "training the autoencoder on the training images (no masks)")
     run = autoencoder_run(generator_data, out, profile, seed, progress)
@@ -186,7 +187,7 @@ def _run_stages(out: Path, dataset: str, budget: TimeBudget, data_dir, device: s
     t, deadline = stages.start(
         "segment", "medfusion segment: pretraining on synthetic and on real unlabelled images, fine-tuning"
     )
-    result, info = _segment(folders, out, deadline, device, seed, progress, log)
+    result, info = _segment(folders, NETWORKS[machine], out, deadline, device, seed, progress, log)
     stages.done("segment", t, deadline, **info)
 
     seconds = budget.elapsed()
@@ -203,12 +204,19 @@ def _run_stages(out: Path, dataset: str, budget: TimeBudget, data_dir, device: s
     return SegmentationDemoResult(out, result.report, result.table, stages.records, seconds)
 
 
-def _segment(folders: dict[str, Path], out: Path, deadline: float, device: str, seed, progress, log):
+def _segment(
+    folders: dict[str, Path],
+    channels: tuple[int, ...],
+    out: Path,
+    deadline: float,
+    device: str,
+    seed,
+    progress,
+    log,
+):
     from medfusion.downstream.segment import SegmentConfig, run_segment, step_seconds
 
     images = folders["images"]
-    spatial_dims = 3 if any(p.name.endswith((".nii", ".nii.gz")) for p in images.iterdir()) else 2
-    channels = NETWORKS[(spatial_dims, "cuda" if device.startswith("cuda") else "cpu")]
     config = SegmentConfig.from_dict({"network": {"channels": list(channels)}}, source="medfusion demo")
     sources = {"synthetic": out / "synthetic", "real-unlabelled": images}
     pretrain_step, finetune_step = step_seconds(
